@@ -1,0 +1,113 @@
+"""Building blocks shared by the three towers: parameters with logical axes, einsum projections, norms.
+
+Shape letters (one glossary for the whole package, used in einsum strings and docstrings):
+
+    B batch            T query length         S key length (cache slots)
+    D model width      N query heads          K key/value heads
+    G query heads per K/V head (N = K·G)      H head dim
+    F MLP width        V vocabulary           L layers
+    P patches          Q resampler queries    C channels of a flattened patch (3·14·14)
+
+Logical axis names live on every parameter (``nnx.Param(..., out_sharding=axes)``, not sharded eagerly);
+``sharding/`` maps them to mesh axes. Names used: ``vocab``, ``embed``, ``heads``, ``kv_heads``,
+``head_dim``, ``mlp``, ``norm`` and the vision/resampler variants ``vision_*``/``resampler_*``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes, dtype) -> nnx.Param:
+    """An ``nnx.Param`` carrying its logical axes (resolved to a mesh later by ``sharding``)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {tuple(shape)}")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def fan_in_normal(fan_in_axes: Sequence[int]) -> Initializer:
+    """Normal init with std 1/sqrt(fan_in), fan-in over the given axes of the weight."""
+
+    def init(key, shape, dtype):
+        fan_in = 1
+        for a in fan_in_axes:
+            fan_in *= shape[a]
+        return jax.random.normal(key, shape, dtype) * (fan_in ** -0.5)
+
+    return init
+
+
+zeros: Initializer = lambda key, shape, dtype: jnp.zeros(shape, dtype)  # noqa: E731
+ones: Initializer = lambda key, shape, dtype: jnp.ones(shape, dtype)  # noqa: E731
+normal: Initializer = lambda key, shape, dtype: jax.random.normal(key, shape, dtype)  # noqa: E731
+
+
+class Einsum(nnx.Module):
+    """``y = einsum(equation, x, kernel) (+ bias)``, computed in ``dtype``.
+
+    ``equation`` names the kernel's axes, e.g. ``"BTD,DNH->BTNH"`` for a query projection; ``fan_in``
+    gives the kernel axes contracted with the input (for initialisation only).
+    """
+
+    def __init__(self, equation: str, kernel_shape: Sequence[int], kernel_axes: Axes, *,
+                 bias_shape: Sequence[int] | None = None, bias_axes: Axes | None = None,
+                 fan_in: Sequence[int] = (0,), dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.equation = equation
+        self.dtype = dtype
+        self.kernel = param(rngs, fan_in_normal(fan_in), kernel_shape, kernel_axes, param_dtype)
+        self.bias = (param(rngs, zeros, bias_shape, bias_axes, param_dtype)
+                     if bias_shape is not None else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Qwen2 RMSNorm: normalise in float32, cast back to x's dtype, then scale (HF order)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, statistics in float32, result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Weight-only RMSNorm over the last axis (``weight`` has logical axis ``norm``)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = param(rngs, ones, (dim,), ("norm",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias (``scale``/``bias`` have logical axis ``axis``)."""
+
+    def __init__(self, dim: int, eps: float, *, axis: str = "norm", param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, ones, (dim,), (axis,), param_dtype)
+        self.bias = param(rngs, zeros, (dim,), (axis,), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)

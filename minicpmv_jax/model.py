@@ -1,0 +1,155 @@
+"""``MiniCPMV``: the whole model, loading from a checkpoint folder and the full forward pass.
+
+The module is a thin holder of the towers' parameters; the compiled programs take its NNX state as
+data and its graph definition as a static argument (small HLO, fast compiles, no recompiles when the
+weights change).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import checkpoint_names as names
+from .config import MiniCPMVConfig
+from .hf_checkpoint import CheckpointError, HFCheckpoint
+from .qwen2 import Qwen2
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Towers this build of the model holds (vision and resampler tensors are validated, not yet loaded).
+LOADED_TOWERS = ("llm",)
+
+
+def as_dtype(dtype: Any, argument: str = "dtype") -> jnp.dtype:
+    """``"bfloat16"`` / ``jnp.bfloat16`` / numpy dtype → a jnp dtype; anything else is a clear error."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"{argument}={dtype!r}: expected one of {sorted(_DTYPES)}")
+        return jnp.dtype(_DTYPES[dtype])
+    d = jnp.dtype(dtype)
+    if d.name not in _DTYPES:
+        raise ValueError(f"{argument}={d.name}: expected one of {sorted(_DTYPES)}")
+    return d
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two ≥ max(n, minimum): lengths and batch sizes share compiled programs."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+class MiniCPMV(nnx.Module):
+    """MiniCPM-V 2.6. Build with :meth:`from_pretrained`; ``MiniCPMV(cfg, rngs=...)`` gives random weights."""
+
+    def __init__(self, config: MiniCPMVConfig, *, dtype=jnp.bfloat16, param_dtype=None, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = as_dtype(dtype)
+        self.param_dtype = as_dtype(param_dtype if param_dtype is not None else dtype, "param_dtype")
+        self.llm = Qwen2(config.llm, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: Any = "bfloat16", mesh=None, *,
+                        param_dtype: Any = None) -> "MiniCPMV":
+        """Loads an HF-format checkpoint folder (single or sharded safetensors).
+
+        ``dtype`` is the computation dtype and, unless ``param_dtype`` says otherwise, the storage dtype
+        of the parameters (cast from whatever the files hold). Raises ``CheckpointError`` naming the
+        tensor and file for a missing, unexpected or misshapen tensor, ``ConfigError`` for a bad config.
+        """
+        if mesh is not None:
+            raise NotImplementedError("mesh= (sharded loading) is not available yet; pass mesh=None")
+        folder = os.fspath(path)
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"{folder}: not a directory")
+        config = MiniCPMVConfig.from_pretrained(folder)
+        ckpt = HFCheckpoint.open(folder)
+        ckpt.validate(names.expected_tensors(config), extra_ok=_extra_vision_layers(config))
+        abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+        return load_entries(abstract, ckpt, names.entries(config, LOADED_TOWERS))
+
+    # ------------------------------------------------------------------ forward
+
+    def compute_logits(self, batch: Mapping[str, Any]) -> jax.Array:
+        """Full forward without a cache: ``batch`` as the processor returns it → float32 [B, L, V].
+
+        Lengths and batch sizes are padded internally (left, masked) to power-of-two buckets so that
+        varied batches reuse compiled programs; the result has the batch's own shape.
+        """
+        ids = np.asarray(batch["input_ids"])
+        mask = np.asarray(batch["attention_mask"]) if "attention_mask" in batch else np.ones_like(ids, bool)
+        if ids.ndim != 2 or mask.shape != ids.shape:
+            raise ValueError(f"input_ids must be [B, L] and attention_mask the same shape, got "
+                             f"{ids.shape} and {mask.shape}")
+        bounds = batch.get("image_bound")
+        if bounds is not None and any(len(b) for b in bounds):
+            raise NotImplementedError("image inputs are not supported by this build yet")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.llm.vocab_size):
+            raise ValueError(f"input_ids outside [0, {self.config.llm.vocab_size})")
+        b, length = ids.shape
+        bb, bl = _bucket(b, 1), _bucket(length)
+        ids_p = np.zeros((bb, bl), np.int32)
+        mask_p = np.zeros((bb, bl), bool)
+        ids_p[:b, bl - length:] = ids
+        mask_p[:b, bl - length:] = mask.astype(bool)
+        graphdef, state = nnx.split(self)
+        logits = _text_logits(graphdef, state, jnp.asarray(ids_p), jnp.asarray(mask_p))
+        return logits[:b, bl - length:]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _text_logits(graphdef, state, ids, mask):
+    model = nnx.merge(graphdef, state)
+    return model.llm(ids, mask)
+
+
+def _extra_vision_layers(config: MiniCPMVConfig):
+    """Predicate for vision layers beyond those the config runs (reported, never used)."""
+    pattern = re.compile(r"vpm\.encoder\.layers\.(\d+)\..+")
+
+    def extra(name: str) -> bool:
+        m = pattern.fullmatch(name)
+        return bool(m) and int(m.group(1)) >= config.num_vision_layers
+
+    return extra
+
+
+def load_entries(abstract: nnx.Module, ckpt: HFCheckpoint, entries: list[names.Entry],
+                 shardings: Mapping[names.Path, Any] | None = None) -> nnx.Module:
+    """Fills an abstract (``nnx.eval_shape``) module from checkpoint tensors through the name table.
+
+    Tensors are read one at a time (a tensor shared by several entries, e.g. ``in_proj``, once).
+    Every parameter of the loaded towers must be filled by exactly one entry.
+    """
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    towers = {e.tower for e in entries}
+    todo = {p for p in flat if p and p[0] in towers}
+    cached_name, cached = None, None
+    for e in entries:
+        var = flat.get(e.path)
+        if var is None or e.path not in todo:
+            raise RuntimeError(f"table entry {e.name} → {'/'.join(map(str, e.path))}: no such parameter "
+                               "(or filled twice)")
+        if e.name != cached_name:
+            cached_name, cached = e.name, ckpt.read(e.name)
+        value = e.transform(cached)
+        if tuple(value.shape) != tuple(var.shape):
+            raise CheckpointError(f"{ckpt.tensors[e.name].file}: tensor {e.name} maps to shape "
+                                  f"{list(value.shape)}, the model expects {list(var.shape)}")
+        arr = np.asarray(value).astype(var.dtype)
+        sharding = shardings.get(e.path) if shardings else None
+        var.set_value(jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr))
+        todo.discard(e.path)
+    if todo:
+        first = sorted(todo, key=str)[0]
+        raise RuntimeError(f"parameter {'/'.join(map(str, first))} was not filled by the name table")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -1,0 +1,189 @@
+"""The Qwen2 decoder (DESIGN §5) as thin NNX parameter holders around pure functions.
+
+Shape letters: see :mod:`minicpmv_jax.layers`. One call runs T new positions against S cache slots;
+a full forward without a cache is the case S = T, write index 0.
+
+Parameter layout (the checkpoint transforms live in :mod:`minicpmv_jax.checkpoint_names`):
+
+    embed_tokens.embedding  [V, D]     ('vocab', 'embed')
+    layers[i].attn.q        [D, N, H]  ('embed', 'heads', 'head_dim')      + bias [N, H]
+    layers[i].attn.k / v    [D, K, H]  ('embed', 'kv_heads', 'head_dim')   + bias [K, H]
+    layers[i].attn.o        [N, H, D]  ('heads', 'head_dim', 'embed')
+    layers[i].mlp.gate / up [D, F]     ('embed', 'mlp');  mlp.down [F, D] ('mlp', 'embed')
+    layers[i].input_norm / post_attn_norm / norm  [D]  ('norm',)
+    lm_head                 [D, V]     ('embed', 'vocab')
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import kv_cache as kvc
+from .config import Qwen2Config
+from .layers import Einsum, RMSNorm, normal, param
+
+_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+# --------------------------------------------------------------------------- pure maths
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids ``[B, T]`` for a left-padded batch: cumsum(mask) − 1, padded slots get 1 (HF)."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 1)
+
+
+def attention_mask(key_valid: jax.Array, write_index: jax.Array, num_queries: int) -> jax.Array:
+    """Causal mask ``[B, T, S]``: query t (at slot write_index + t) sees valid slots s ≤ its own."""
+    s = jnp.arange(key_valid.shape[-1])[None, :]
+    q = jnp.asarray(write_index, jnp.int32) + jnp.arange(num_queries)[:, None]
+    return (s <= q)[None] & key_valid[:, None, :].astype(bool)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
+    """Rotary frequencies ``[H/2]`` (float32): theta^(−2i/H)."""
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Half-split ("rotate_half") rotary embedding of ``x [B, T, N, H]`` at ``positions [B, T]``."""
+    h = x.shape[-1]
+    angles = positions.astype(jnp.float32)[..., None] * rope_inv_freq(h, theta)   # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]             # [B, T, 1, H]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = x[..., : h // 2], x[..., h // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention, softmax in float32.
+
+    q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] (True = may attend) → [B, T, N, H].
+    Query head n uses K/V head n // G. Fully masked rows (left padding) give finite garbage.
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+    logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.theta = cfg.rope_theta
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q = Einsum("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"),
+                        bias_shape=(n, h), bias_axes=("heads", "head_dim"), **common)
+        self.k = Einsum("BSD,DKH->BSKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
+                        bias_shape=(k, h), bias_axes=("kv_heads", "head_dim"), **common)
+        self.v = Einsum("BSD,DKH->BSKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
+                        bias_shape=(k, h), bias_axes=("kv_heads", "head_dim"), **common)
+        self.o = Einsum("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), fan_in=(0, 1), **common)
+
+    def __call__(self, x, positions, mask, cache_kv=None, write_index=None):
+        """x [B, T, D]; cache_kv: (k, v) buffers [B, S, K, H] or None → (y [B, T, D], (k, v))."""
+        q = apply_rope(self.q(x), positions, self.theta)
+        k = apply_rope(self.k(x), positions, self.theta)
+        v = self.v(x)
+        if cache_kv is not None:
+            k = kvc.write(cache_kv[0], k, write_index)
+            v = kvc.write(cache_kv[1], v, write_index)
+        y = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o(y), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **common)
+        self.up = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **common)
+        self.down = Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), **common)
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(cfg, **common)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(cfg, **common)
+
+    def __call__(self, x, positions, mask, cache_kv=None, write_index=None):
+        h, cache_kv = self.attn(self.input_norm(x), positions, mask, cache_kv, write_index)
+        x = x + h
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, cache_kv
+
+
+class Embedder(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(rngs, normal, (vocab, dim), ("vocab", "embed"), param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids [B, T] → [B, T, D] (no scaling)."""
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+class Qwen2(nnx.Module):
+    """Qwen2 decoder + untied ``lm_head``. ``dtype`` is the computation dtype, ``param_dtype`` storage."""
+
+    def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = dtype
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed_tokens = Embedder(cfg.vocab_size, cfg.hidden_size, **common)
+        self.layers = nnx.List([DecoderLayer(cfg, **common) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = Einsum("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), **common)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return self.embed_tokens(ids)
+
+    def hidden_states(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                      cache: kvc.KVCache | None = None, write_index: jax.Array | None = None
+                      ) -> tuple[jax.Array, kvc.KVCache | None]:
+        """Runs the layers and the final norm.
+
+        x [B, T, D] embeddings, positions [B, T], mask [B, T, S] (S = T without a cache, else the cache
+        length); the cache, if given, is written at slots [write_index, write_index + T).
+        Returns (hidden [B, T, D], updated cache or None).
+        """
+        x = x.astype(self.dtype)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x, (k, v) = layer(x, positions, mask, kv, write_index)
+            new_k.append(k)
+            new_v.append(v)
+        x = self.norm(x)
+        new_cache = kvc.KVCache(k=tuple(new_k), v=tuple(new_v)) if cache is not None else None
+        return x, new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [B, T, D] → float32 logits [B, T, V]."""
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def __call__(self, ids: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
+        """Full forward without a cache: ids [B, T], left-padded mask [B, T] → float32 logits [B, T, V]."""
+        positions = positions_from_mask(attention_mask_bt)
+        mask = attention_mask(attention_mask_bt, 0, ids.shape[1])
+        hidden, _ = self.hidden_states(self.embed(ids), positions, mask)
+        return self.logits(hidden)
