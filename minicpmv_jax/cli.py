@@ -1,0 +1,66 @@
+"""The ``minicpmv-jax`` command line.
+
+Subcommands available in this build:
+
+    minicpmv-jax info --model PATH     check a checkpoint folder against its config and summarise it
+
+Errors in the user's input (a bad folder, config or tensor) are reported in one line naming the file,
+key or tensor, with exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+
+from . import __version__
+from . import checkpoint_names as names
+from .config import ConfigError, MiniCPMVConfig, num_parameters
+from .hf_checkpoint import CheckpointError, HFCheckpoint
+from .model import _extra_vision_layers
+
+
+def _info(args: argparse.Namespace) -> int:
+    cfg = MiniCPMVConfig.from_pretrained(args.model)
+    ckpt = HFCheckpoint.open(args.model)
+    ckpt.validate(names.expected_tensors(cfg), extra_ok=_extra_vision_layers(cfg))
+    l, v = cfg.llm, cfg.vision
+    dtypes = collections.Counter(i.dtype for i in ckpt.tensors.values())
+    files = {i.file for i in ckpt.tensors.values()}
+    print(f"checkpoint   {args.model}: {len(ckpt.tensors)} tensors in {len(files)} file(s), "
+          f"dtypes {dict(dtypes)}: OK")
+    print(f"parameters   {num_parameters(cfg) / 1e9:.3f} B")
+    print(f"llm          Qwen2: {l.num_hidden_layers} layers, width {l.hidden_size}, "
+          f"{l.num_attention_heads} heads / {l.num_key_value_heads} KV heads of {l.head_dim}, "
+          f"MLP {l.intermediate_size}, vocab {l.vocab_size}, rope θ {l.rope_theta:g}")
+    print(f"vision       SigLIP: {cfg.num_vision_layers} of {v.num_hidden_layers} layers run, width "
+          f"{v.hidden_size}, {v.num_attention_heads} heads, patch {v.patch_size}, "
+          f"{v.num_patches_per_side}×{v.num_patches_per_side} positions")
+    print(f"resampler    {cfg.resampler.num_queries} queries, {cfg.resampler.num_heads} heads")
+    print(f"slicing      up to {cfg.slicing.max_slice_nums} slices at {cfg.slicing.scale_resolution} px, "
+          f"image ids {'on' if cfg.use_image_id else 'off'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minicpmv-jax", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"minicpmv-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="check a checkpoint folder against its config and summarise it")
+    info.add_argument("--model", required=True, help="HF-format MiniCPM-V checkpoint folder")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"minicpmv-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
