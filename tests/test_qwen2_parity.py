@@ -126,3 +126,21 @@ def test_eval_shape_full_size():
     assert abstract.llm.lm_head.kernel.shape == (3584, 151666)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(abstract.llm, nnx.Param)))
     assert n == 2 * 151666 * 3584 + 28 * (3584 * 4608 + 4608 + 3584 ** 2 + 3 * 3584 * 18944 + 2 * 3584) + 3584
+
+
+def test_processor_to_logits_end_to_end(tiny_checkpoint, models):
+    """Chat prompts through the processor (left padding) and compute_logits, as a user runs them."""
+    from minicpmv_jax import MiniCPMVProcessor
+    folder, _ = tiny_checkpoint
+    ours, ref = models
+    processor = MiniCPMVProcessor.from_pretrained(folder)
+    tok = processor.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": "Describe a flamingo 🦩 in one line."}]),
+               tok.apply_chat_template([{"role": "system", "content": "Sei kurz."},
+                                        {"role": "user", "content": "Was ist 2+2?"}])]
+    batch = processor(prompts)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.dtype == np.int32 and mask.dtype == bool and not mask[:, -1].__invert__().any()
+    got = np.asarray(ours.compute_logits(batch))
+    want = hf_logits(ref, ids, mask)
+    assert rel_err(got[mask], want[mask]) <= TOL
