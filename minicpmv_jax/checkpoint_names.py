@@ -12,9 +12,12 @@ Our path is the NNX state path inside :class:`minicpmv_jax.model.MiniCPMV`, e.g.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from typing import Any, Callable, Iterator, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from .config import MiniCPMVConfig
 
@@ -228,3 +231,41 @@ def tower_of(name: str) -> str | None:
     """Which tower a checkpoint tensor name belongs to (by prefix), or None."""
     head = name.split(".", 1)[0]
     return head if head in _TOWER_ENTRIES else None
+
+
+def load_entries(module: nnx.Module, read: Callable[[str], np.ndarray], entries: list[Entry], *,
+                 strip: int = 0, where: Callable[[str], str] = str,
+                 shardings: Mapping[Path, Any] | None = None) -> nnx.Module:
+    """Fills ``module`` (abstract from ``nnx.eval_shape``, or concrete) from checkpoint tensors.
+
+    ``read(name)`` returns one tensor (read lazily, one at a time; a tensor shared by consecutive entries,
+    e.g. ``in_proj``, is read once). ``strip`` drops leading path components, to fill one tower's module
+    on its own (``strip=1`` with the ``vpm`` entries fills a bare ``VisionEncoder``). ``where(name)``
+    names the tensor's location in errors. Every parameter of the towers named by ``entries`` must be
+    filled by exactly one entry; shapes are checked after the transform. Returns the filled module.
+    """
+    graphdef, state = nnx.split(module)
+    flat = dict(nnx.to_flat_state(state))
+    towers = {e.path[:1] for e in entries}
+    todo = set(flat) if strip else {p for p in flat if p[:1] in towers}
+    cached_name, cached = None, None
+    for e in entries:
+        path = e.path[strip:]
+        if path not in todo:
+            raise RuntimeError(f"table entry {e.name} -> {'/'.join(map(str, path))}: no such parameter "
+                               "(or filled twice)")
+        if e.name != cached_name:
+            cached_name, cached = e.name, read(e.name)
+        var = flat[path]
+        value = e.transform(np.asarray(cached))
+        if tuple(value.shape) != tuple(var.shape):
+            raise ValueError(f"{where(e.name)}: tensor {e.name} maps to shape {list(value.shape)}, "
+                             f"the model expects {list(var.shape)}")
+        arr = value.astype(var.dtype)
+        sharding = shardings.get(path) if shardings else None
+        var.set_value(jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr))
+        todo.discard(path)
+    if todo:
+        first = sorted(todo, key=str)[0]
+        raise RuntimeError(f"parameter {'/'.join(map(str, first))} was not filled by the name table")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

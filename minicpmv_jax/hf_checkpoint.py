@@ -93,6 +93,11 @@ class HFCheckpoint:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{info.file}: cannot read tensor {name} ({e})") from None
 
+    def where(self, name: str) -> str:
+        """The file holding tensor ``name`` (for error messages)."""
+        info = self.tensors.get(name)
+        return info.file if info else self.folder
+
     def validate(self, expected: Mapping[str, tuple[int, ...]], *,
                  extra_ok: Callable[[str], bool] | None = None) -> None:
         """Every expected tensor present with its shape and a float dtype; nothing unexpected.

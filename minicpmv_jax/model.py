@@ -19,13 +19,15 @@ from flax import nnx
 
 from . import checkpoint_names as names
 from .config import MiniCPMVConfig
-from .hf_checkpoint import CheckpointError, HFCheckpoint
+from .hf_checkpoint import CheckpointError, HFCheckpoint  # noqa: F401 (CheckpointError re-exported)
 from .qwen2 import Qwen2
+from .resampler import Resampler
+from .vision import VisionEncoder
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-# Towers this build of the model holds (vision and resampler tensors are validated, not yet loaded).
-LOADED_TOWERS = ("llm",)
+# Towers this build of the model holds.
+LOADED_TOWERS = names.TOWERS
 
 
 def as_dtype(dtype: Any, argument: str = "dtype") -> jnp.dtype:
@@ -52,7 +54,10 @@ class MiniCPMV(nnx.Module):
         self.config = config
         self.dtype = as_dtype(dtype)
         self.param_dtype = as_dtype(param_dtype if param_dtype is not None else dtype, "param_dtype")
-        self.llm = Qwen2(config.llm, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+        self.llm = Qwen2(config.llm, **common)
+        self.vpm = VisionEncoder(config, **common)
+        self.resampler = Resampler(config.resampler, **common)
 
     # ------------------------------------------------------------------ loading
 
@@ -74,7 +79,8 @@ class MiniCPMV(nnx.Module):
         ckpt = HFCheckpoint.open(folder)
         ckpt.validate(names.expected_tensors(config), extra_ok=_extra_vision_layers(config))
         abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-        return load_entries(abstract, ckpt, names.entries(config, LOADED_TOWERS))
+        return names.load_entries(abstract, ckpt.read, names.entries(config, LOADED_TOWERS),
+                                  where=ckpt.where)
 
     # ------------------------------------------------------------------ forward
 
@@ -120,36 +126,3 @@ def _extra_vision_layers(config: MiniCPMVConfig):
         return bool(m) and int(m.group(1)) >= config.num_vision_layers
 
     return extra
-
-
-def load_entries(abstract: nnx.Module, ckpt: HFCheckpoint, entries: list[names.Entry],
-                 shardings: Mapping[names.Path, Any] | None = None) -> nnx.Module:
-    """Fills an abstract (``nnx.eval_shape``) module from checkpoint tensors through the name table.
-
-    Tensors are read one at a time (a tensor shared by several entries, e.g. ``in_proj``, once).
-    Every parameter of the loaded towers must be filled by exactly one entry.
-    """
-    graphdef, state = nnx.split(abstract)
-    flat = dict(nnx.to_flat_state(state))
-    towers = {e.tower for e in entries}
-    todo = {p for p in flat if p and p[0] in towers}
-    cached_name, cached = None, None
-    for e in entries:
-        var = flat.get(e.path)
-        if var is None or e.path not in todo:
-            raise RuntimeError(f"table entry {e.name} → {'/'.join(map(str, e.path))}: no such parameter "
-                               "(or filled twice)")
-        if e.name != cached_name:
-            cached_name, cached = e.name, ckpt.read(e.name)
-        value = e.transform(cached)
-        if tuple(value.shape) != tuple(var.shape):
-            raise CheckpointError(f"{ckpt.tensors[e.name].file}: tensor {e.name} maps to shape "
-                                  f"{list(value.shape)}, the model expects {list(var.shape)}")
-        arr = np.asarray(value).astype(var.dtype)
-        sharding = shardings.get(e.path) if shardings else None
-        var.set_value(jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr))
-        todo.discard(e.path)
-    if todo:
-        first = sorted(todo, key=str)[0]
-        raise RuntimeError(f"parameter {'/'.join(map(str, first))} was not filled by the name table")
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
