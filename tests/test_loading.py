@@ -131,3 +131,21 @@ def test_bad_dtype_and_path(tmp_path):
         MiniCPMV.from_pretrained(tmp_path, dtype="float8")
     with pytest.raises(CheckpointError, match="not a directory"):
         MiniCPMV.from_pretrained(tmp_path / "nope")
+
+
+def test_vision_and_resampler_tensors_land_in_their_parameters(tmp_path):
+    """The HF folder's vpm/resampler tensors reach the right parameters through the name table."""
+    tensors = _write(tmp_path, num_shards=3)
+    m = MiniCPMV.from_pretrained(tmp_path, dtype="float32")
+    d, n = SMALL.resampler.embed_dim, SMALL.resampler.num_heads
+    in_proj = tensors["resampler.attn.in_proj_weight"]
+    np.testing.assert_array_equal(np.asarray(m.resampler.k.kernel[...]), in_proj[d:2 * d].T.reshape(d, n, -1))
+    np.testing.assert_array_equal(np.asarray(m.resampler.v.bias[...]),
+                                  tensors["resampler.attn.in_proj_bias"][2 * d:].reshape(n, -1))
+    np.testing.assert_array_equal(np.asarray(m.resampler.proj[...]), tensors["resampler.proj"])
+    conv = tensors["vpm.embeddings.patch_embedding.weight"]
+    np.testing.assert_array_equal(np.asarray(m.vpm.patch_embed.kernel[...]), conv.reshape(conv.shape[0], -1).T)
+    last = SMALL.num_vision_layers - 1
+    np.testing.assert_array_equal(np.asarray(m.vpm.layers[last].mlp.fc2.kernel[...]),
+                                  tensors[f"vpm.encoder.layers.{last}.mlp.fc2.weight"].T)
+    assert len(m.vpm.layers) == SMALL.num_vision_layers
