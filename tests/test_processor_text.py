@@ -16,15 +16,7 @@ from minicpmv_jax.processor import (
     image_bounds,
     left_pad,
 )
-from minicpmv_jax.testing.tokenizer_files import write_tokenizer_files
 from minicpmv_jax.tokenizer import MiniCPMVTokenizer
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = str(tmp_path_factory.mktemp("tokenizer"))
-    write_tokenizer_files(path)
-    return path
 
 
 @pytest.fixture(scope="module")

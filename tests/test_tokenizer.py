@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from minicpmv_jax.chat_template import ChatTemplateError, render_chat_template
-from minicpmv_jax.testing.tokenizer_files import MINICPMV_SPECIAL_TOKENS, write_tokenizer_files
+from minicpmv_jax.testing.tokenizer_files import MINICPMV_SPECIAL_TOKENS
 from minicpmv_jax.tokenizer import MiniCPMVTokenizer, TokenizerError
 
 transformers = pytest.importorskip("transformers")
@@ -51,13 +51,6 @@ CONVERSATIONS = [
         {"role": "user", "content": "  spaces  "},
     ],
 ]
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = str(tmp_path_factory.mktemp("tokenizer"))
-    write_tokenizer_files(path)
-    return path
 
 
 @pytest.fixture(scope="module")
