@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -219,12 +219,14 @@ def slice_image(
     return pieces, plan
 
 
-def to_pixel_values(piece: Image.Image) -> np.ndarray:
-    """An RGB piece as float32 ``[3, h, w]`` (C, H, W), normalised ``(x/255 − 0.5)/0.5`` into [−1, 1]."""
+def to_pixel_values(piece: Image.Image, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                    std: Sequence[float] = (0.5, 0.5, 0.5)) -> np.ndarray:
+    """An RGB piece as float32 ``[3, h, w]`` (C, H, W), normalised per channel ``(x/255 − mean)/std``
+    (the released checkpoint's 0.5 / 0.5 map pixels into [−1, 1])."""
     if piece.mode != "RGB":
         raise ValueError(f"to_pixel_values needs an RGB image, got mode {piece.mode!r}")
     x = np.asarray(piece, dtype=np.uint8).astype(np.float32) / np.float32(255.0)  # [h, w, 3]
-    x = (x - np.float32(0.5)) / np.float32(0.5)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
@@ -260,12 +262,14 @@ def preprocess_image(
     patch_size: int = 14,
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
 ) -> ProcessedImage:
     """load_image → slice_image → to_pixel_values for one image (see those functions)."""
     img = load_image(obj, max_pixels=max_pixels)
     pieces, plan = slice_image(img, max_slice_nums, scale_resolution, patch_size)
     return ProcessedImage(
-        pixel_values=[to_pixel_values(p) for p in pieces],
+        pixel_values=[to_pixel_values(p, mean, std) for p in pieces],
         tgt_sizes=np.array([tgt_size(p, patch_size) for p in pieces], dtype=np.int32).reshape(-1, 2),
         grid=plan.grid,
         image_size=plan.original_size,

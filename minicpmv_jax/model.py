@@ -20,6 +20,7 @@ from flax import nnx
 from . import checkpoint_names as names
 from .config import MiniCPMVConfig
 from .hf_checkpoint import CheckpointError, HFCheckpoint  # noqa: F401 (CheckpointError re-exported)
+from .image_inputs import ImageInputs, build_image_inputs, place_features
 from .qwen2 import Qwen2
 from .resampler import Resampler
 from .vision import VisionEncoder
@@ -87,17 +88,16 @@ class MiniCPMV(nnx.Module):
     def compute_logits(self, batch: Mapping[str, Any]) -> jax.Array:
         """Full forward without a cache: ``batch`` as the processor returns it → float32 [B, L, V].
 
-        Lengths and batch sizes are padded internally (left, masked) to power-of-two buckets so that
-        varied batches reuse compiled programs; the result has the batch's own shape.
+        Every image piece is encoded (SigLIP), resampled to Q features and written into its ``<unk>``
+        span of ``image_bound``; then the LLM runs on the embeddings. Lengths, batch sizes, piece
+        counts and patch counts are padded internally to buckets so that varied batches reuse compiled
+        programs; the result has the batch's own shape.
         """
         ids = np.asarray(batch["input_ids"])
         mask = np.asarray(batch["attention_mask"]) if "attention_mask" in batch else np.ones_like(ids, bool)
         if ids.ndim != 2 or mask.shape != ids.shape:
             raise ValueError(f"input_ids must be [B, L] and attention_mask the same shape, got "
                              f"{ids.shape} and {mask.shape}")
-        bounds = batch.get("image_bound")
-        if bounds is not None and any(len(b) for b in bounds):
-            raise NotImplementedError("image inputs are not supported by this build yet")
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.llm.vocab_size):
             raise ValueError(f"input_ids outside [0, {self.config.llm.vocab_size})")
         b, length = ids.shape
@@ -106,15 +106,52 @@ class MiniCPMV(nnx.Module):
         mask_p = np.zeros((bb, bl), bool)
         ids_p[:b, bl - length:] = ids
         mask_p[:b, bl - length:] = mask.astype(bool)
+        images = self._image_inputs(batch, (bb, bl), [bl - length] * b)
         graphdef, state = nnx.split(self)
-        logits = _text_logits(graphdef, state, jnp.asarray(ids_p), jnp.asarray(mask_p))
+        if images is None:
+            logits = _text_logits(graphdef, state, jnp.asarray(ids_p), jnp.asarray(mask_p))
+        else:
+            logits = _multimodal_logits(graphdef, state, jnp.asarray(ids_p), jnp.asarray(mask_p),
+                                        *_vision_args(images))
         return logits[:b, bl - length:]
+
+    def _image_inputs(self, batch: Mapping[str, Any], shape: tuple[int, int],
+                      offsets: list[int]) -> ImageInputs | None:
+        """The batch's pieces packed for the vision tower, or None for a text-only batch."""
+        bounds = batch.get("image_bound")
+        if bounds is None or not any(len(bd) for bd in bounds):
+            return None
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is None:
+            raise ValueError("the batch has image_bound spans but no pixel_values")
+        cfg = self.config
+        return build_image_inputs(pixel_values, bounds, shape, offsets,
+                                  num_queries=cfg.resampler.num_queries, patch_size=cfg.vision.patch_size,
+                                  side=cfg.vision.num_patches_per_side)
+
+    def encode_images(self, patches: jax.Array, pos_ids: jax.Array, valid: jax.Array,
+                      tgt_sizes: jax.Array) -> jax.Array:
+        """Packed pieces (see :class:`ImageInputs`) → resampled features ``[N, Q, D]`` (call under jit)."""
+        return self.resampler(self.vpm(patches, pos_ids, valid), tgt_sizes)
+
+
+def _vision_args(images: ImageInputs) -> tuple[jax.Array, ...]:
+    return tuple(jnp.asarray(a) for a in (images.patches, images.pos_ids, images.valid, images.tgt_sizes,
+                                          images.feature_index))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _text_logits(graphdef, state, ids, mask):
     model = nnx.merge(graphdef, state)
     return model.llm(ids, mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _multimodal_logits(graphdef, state, ids, mask, patches, pos_ids, valid, tgt_sizes, feature_index):
+    model = nnx.merge(graphdef, state)
+    features = model.encode_images(patches, pos_ids, valid, tgt_sizes)
+    x = place_features(model.llm.embed(ids), features, feature_index)
+    return model.llm.forward_embeddings(x, mask)
 
 
 def _extra_vision_layers(config: MiniCPMVConfig):

@@ -1,10 +1,9 @@
-"""MiniCPM-V 2.6 processor: prompts (and, later, images) to the model's batch (DESIGN §6, §8).
+"""MiniCPM-V 2.6 processor: rendered prompts and their images to the model's batch (DESIGN §6, §8).
 
-Only the text path exists so far: :meth:`MiniCPMVProcessor.__call__` tokenises already-rendered prompts,
-truncates, left-pads and returns the batch dict of DESIGN §8 with empty image fields. Prompts carrying
-the image tag ``(<image>./</image>)`` or calls with images raise ``NotImplementedError``; the image side
-plugs in at :meth:`MiniCPMVProcessor._expand_images` (replace each tag by its placeholder, return the
-pieces) — the rest of ``__call__`` (tokenise, ``image_bounds``, truncate, pad) already handles it.
+:meth:`MiniCPMVProcessor.__call__` replaces each image tag ``(<image>./</image>)`` of a prompt by that
+image's placeholder (:func:`minicpmv_jax.slicing.image_placeholder`), cuts and normalises the image
+(:func:`minicpmv_jax.image_processing.preprocess_image`), tokenises, finds the placeholder spans
+(:func:`image_bounds`), truncates and left-pads, and returns the batch dict of DESIGN §8.
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from minicpmv_jax import slicing
+from minicpmv_jax.image_processing import ImageError, preprocess_image
 from minicpmv_jax.tokenizer import MiniCPMVTokenizer
 
 __all__ = [
@@ -31,15 +32,16 @@ __all__ = [
 IMAGE_TAG = "(<image>./</image>)"
 PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
 
-# Placeholder token names a preprocessor_config.json may spell out; we only support the standard ones.
+# preprocessor_config.json keys that spell out placeholder tokens → the PlaceholderTokens field they name.
+# Only the standard strings (PlaceholderTokens' defaults) are supported.
 _TOKEN_KEYS = {
-    "im_start": "<image>",
-    "im_end": "</image>",
-    "slice_start": "<slice>",
-    "slice_end": "</slice>",
-    "unk": "<unk>",
-    "im_id_start": "<image_id>",
-    "im_id_end": "</image_id>",
+    "im_start": "image_start",
+    "im_end": "image_end",
+    "slice_start": "slice_start",
+    "slice_end": "slice_end",
+    "unk": "unk",
+    "im_id_start": "image_id_start",
+    "im_id_end": "image_id_end",
 }
 
 
@@ -95,7 +97,8 @@ class PreprocessorConfig:
                 values[name] = tuple(float(v) for v in value)
         if any(v == 0 for v in values.get("norm_std", ())):
             raise ValueError(f"{source}: norm_std must not contain 0, got {values['norm_std']}")
-        for key, expected in _TOKEN_KEYS.items():
+        for key, field in _TOKEN_KEYS.items():
+            expected = getattr(slicing.PlaceholderTokens(), field)
             if cfg.get(key) is not None and cfg[key] != expected:
                 raise ValueError(f"{source}: {key} is {cfg[key]!r}; only the standard {expected!r} is supported")
         return cls(**values)
@@ -162,15 +165,41 @@ class MiniCPMVProcessor:
     def _expand_images(
         self, text: str, images: Sequence[Any], max_slice_nums: int, use_image_id: bool
     ) -> tuple[str, list[np.ndarray], np.ndarray, list[tuple[int, int]]]:
-        """Seam for the image side: replaces each :data:`IMAGE_TAG` of ``text`` by its image's placeholder.
+        """Replaces the k-th :data:`IMAGE_TAG` of ``text`` by the k-th image's placeholder (DESIGN §6).
 
-        Must return (text with placeholders, pixel_values per piece as float32 ``[3, h, w]``,
-        tgt_sizes int32 ``[n_pieces, 2]``, image sizes ``(W, H)`` per image).
+        Returns (text with placeholders, pixel_values per piece as float32 ``[3, h, w]`` — per image the
+        overview, then its slices row by row —, tgt_sizes int32 ``[n_pieces, 2]``, ``(W, H)`` per image).
+
+        Raises:
+          ValueError: the number of tags differs from the number of images.
+          ImageError: an image cannot be used (naming it and its position).
         """
-        raise NotImplementedError(
-            f"images are not supported yet: MiniCPMVProcessor handles text-only prompts (no {IMAGE_TAG!r} tags, "
-            "images=None)"
-        )
+        parts = text.split(IMAGE_TAG)
+        if len(parts) - 1 != len(images):
+            raise ValueError(
+                f"the prompt has {len(parts) - 1} image tag(s) {IMAGE_TAG!r} but {len(images)} image(s) were "
+                "given: each image needs exactly one tag, in order"
+            )
+        cfg = self.config
+        pieces: list[np.ndarray] = []
+        sizes: list[np.ndarray] = []
+        originals: list[tuple[int, int]] = []
+        out = [parts[0]]
+        for k, image in enumerate(images):
+            try:
+                processed = preprocess_image(
+                    image, max_slice_nums if cfg.slice_mode else 1, cfg.scale_resolution, cfg.patch_size,
+                    mean=cfg.norm_mean, std=cfg.norm_std,
+                )
+            except ImageError as e:
+                raise ImageError(f"image {k}: {e}") from None
+            pieces.extend(processed.pixel_values)
+            sizes.append(processed.tgt_sizes)
+            originals.append(processed.image_size)
+            out.append(slicing.image_placeholder(k, processed.grid, use_image_id, cfg.image_feature_size))
+            out.append(parts[k + 1])
+        tgt_sizes = np.concatenate(sizes).astype(np.int32) if sizes else np.zeros((0, 2), np.int32)
+        return "".join(out), pieces, tgt_sizes, originals
 
     def __call__(
         self,
@@ -184,11 +213,14 @@ class MiniCPMVProcessor:
 
         Args:
           texts: rendered prompts (one str is a batch of one).
-          images: per text, a list of images for its ``(<image>./</image>)`` tags; None or empty lists for
-            text-only prompts. (Image support is not implemented yet.)
+          images: per text, a list of images (PIL images, paths or encoded bytes) for its
+            ``(<image>./</image>)`` tags, in order; None or empty lists for text-only prompts. The number of
+            images of a text must equal its number of tags.
           max_slice_nums, use_image_id: override the preprocessor config for this call.
           max_length: keep only the FIRST ``max_length`` tokens of each prompt (the end is cut, as in the
-            reference's ``input_ids[:max_length]``).
+            reference's ``input_ids[:max_length]``). A placeholder cut by it loses its span in
+            ``image_bound``; its pieces are still returned and the model uses only as many pieces as
+            there are spans (the first ones).
 
         Returns:
           ``input_ids`` int32 [B, L] left-padded with 0; ``attention_mask`` bool [B, L]; ``image_bound``
@@ -211,13 +243,21 @@ class MiniCPMVProcessor:
             raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
         max_slice_nums = self.config.max_slice_nums if max_slice_nums is None else max_slice_nums
         use_image_id = self.config.use_image_id if use_image_id is None else use_image_id
+        if isinstance(max_slice_nums, bool) or not isinstance(max_slice_nums, int) or max_slice_nums < 1:
+            raise ValueError(f"max_slice_nums must be a positive int or None, got {max_slice_nums!r}")
+        if not isinstance(use_image_id, bool):
+            raise ValueError(f"use_image_id must be True, False or None, got {use_image_id!r}")
 
         all_ids, bounds, pixel_values, tgt_sizes, image_sizes = [], [], [], [], []
         for i, text in enumerate(texts):
             text_images = list(images[i]) if images is not None and images[i] is not None else []
             has_images = bool(text_images) or IMAGE_TAG in text
             if has_images:
-                text, pieces, sizes, originals = self._expand_images(text, text_images, max_slice_nums, use_image_id)
+                try:
+                    text, pieces, sizes, originals = self._expand_images(
+                        text, text_images, max_slice_nums, use_image_id)
+                except ValueError as e:  # ImageError included: say which text it belongs to
+                    raise type(e)(f"texts[{i}]: {e}") from None
             else:
                 pieces, sizes, originals = [], np.zeros((0, 2), np.int32), []
             ids = self.tokenizer.encode(text)

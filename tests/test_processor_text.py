@@ -73,13 +73,6 @@ def test_max_length_keeps_the_start(processor: MiniCPMVProcessor, tok: MiniCPMVT
         processor(texts, max_length=0)
 
 
-def test_images_are_not_supported_yet(processor: MiniCPMVProcessor, tok: MiniCPMVTokenizer) -> None:
-    with pytest.raises(NotImplementedError, match="images are not supported yet"):
-        processor([_chat(tok, IMAGE_TAG + "\nWhat is this?")])
-    with pytest.raises(NotImplementedError, match="images are not supported yet"):
-        processor([_chat(tok, "What is this?")], images=[[object()]])
-
-
 def test_argument_errors(processor: MiniCPMVProcessor) -> None:
     with pytest.raises(ValueError, match="texts is empty"):
         processor([])
