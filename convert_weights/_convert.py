@@ -1,0 +1,264 @@
+"""``convert``: an HF safetensors folder → a converted folder (Orbax parameters plus config and tokenizer).
+
+Streaming. Parameters are produced one at a time, in the name table's order, and written in groups of at
+most ``group_bytes`` (default 512 MiB; a larger parameter is a group of its own) with Orbax's partial
+saving: each group is one ``partial.save_async`` into the same checkpoint, finalized once at the end; the
+next group is filled while one is written. A parameter is filled from its source tensor in row blocks of
+about 32 MiB, read with positioned reads and written through the transform's *inverse* view of the output
+array (``Transpose.inverse(out)`` is ``out.T``, so assigning source rows to it transposes block by block,
+never holding the source tensor whole). Peak memory is therefore about the largest parameter plus half a
+group plus one block (or one group, if larger), independent of the checkpoint's size.
+
+Validation happens before anything is written (config, headers, sizes, names, shapes: errors name the file
+and tensor); the output is atomic (:mod:`._output`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+import minicpmv_jax
+from minicpmv_jax import checkpoint_names as names
+from minicpmv_jax import orbax_checkpoint as ock
+from minicpmv_jax.config import MiniCPMVConfig
+from minicpmv_jax.hf_checkpoint import HFCheckpoint
+from minicpmv_jax.model import _extra_vision_layers, as_dtype
+
+from ._errors import ConvertError
+from ._output import check_destination, staged
+from ._source import RowReader, copy_aux_files, describe_files, resolve_source
+
+GROUP_BYTES = 512 << 20
+BLOCK_BYTES = 32 << 20
+TILE_ROWS = 256            # rows per strided copy: keeps transposing copies cache-friendly
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One parameter to write: its table entry, the source rows it reads and its stored dtype."""
+
+    entry: names.Entry
+    rows: tuple[int, int]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.entry.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionResult:
+    dst: str
+    num_arrays: int          # parameters written
+    num_parameters: int      # their elements
+    bytes_read: int
+    bytes_written: int       # parameter data, in the stored dtypes
+    stored_dtypes: dict[str, int]
+    ignored_tensors: tuple[str, ...]
+    seconds: float
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None, overwrite: bool = False,
+            progress: bool = True, group_bytes: int | None = None) -> ConversionResult:
+    """Converts the HF checkpoint ``src`` (a folder, or a Hub id with ``huggingface_hub`` installed) to ``dst``.
+
+    ``dtype`` (``"bfloat16"``, ``"float32"``, ``"float16"``) casts every parameter; ``None`` keeps the source
+    dtypes. An existing ``dst`` is refused unless ``overwrite`` (and then only a folder this tool wrote is
+    replaced). ``group_bytes`` bounds the parameter bytes written per partial save (default 512 MiB; a
+    larger parameter is saved alone). Raises ``CheckpointError`` (or its subclass ``ConvertError``)
+    naming the file and tensor for bad input, ``ConfigError`` for a bad ``config.json``; on any failure
+    ``dst`` is left as it was.
+    """
+    t0 = time.perf_counter()
+    src, dst = os.fspath(src), os.path.normpath(os.fspath(dst))
+    out_dtype = None if dtype is None else np.dtype(as_dtype(dtype))
+    check_destination(dst, src, overwrite)          # before a Hub download
+    folder = resolve_source(src)
+    check_destination(dst, folder, overwrite)
+    config = MiniCPMVConfig.from_pretrained(folder)
+    ckpt = HFCheckpoint.open(folder)
+    expected = names.expected_tensors(config)
+    ckpt.validate(expected, extra_ok=_extra_vision_layers(config))
+
+    with RowReader(ckpt) as reader:
+        jobs = plan(names.entries(config), reader, out_dtype)
+        budget = group_bytes if group_bytes is not None else GROUP_BYTES
+        result = ConversionResult(
+            dst=dst, num_arrays=len(jobs),
+            num_parameters=sum(int(np.prod(j.entry.shape, dtype=np.int64)) for j in jobs),
+            bytes_read=sum((j.rows[1] - j.rows[0]) * reader.row_bytes(j.entry.name) for j in jobs),
+            bytes_written=sum(j.nbytes for j in jobs),
+            stored_dtypes=dict(collections.Counter(j.dtype.name for j in jobs)),
+            ignored_tensors=tuple(sorted(set(ckpt.tensors) - set(expected))), seconds=0.0)
+        bar = tqdm(total=result.bytes_read, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                   desc=f"convert {os.path.basename(dst)}", disable=not progress, file=sys.stderr)
+        with staged(dst, overwrite) as tmp, bar:
+            try:
+                write_params(os.path.join(tmp, ock.PARAMS_DIR), jobs, reader, budget, bar.update)
+                copied = copy_aux_files(folder, tmp)
+                _write_manifest(tmp, src, folder, ckpt, out_dtype, result, copied)
+            except OSError as e:
+                raise ConvertError(f"{dst}: writing the converted checkpoint failed ({e}); "
+                                   f"{dst} was left as it was") from None
+    return dataclasses.replace(result, seconds=time.perf_counter() - t0)
+
+
+def plan(entries: list[names.Entry], reader: RowReader, out_dtype: np.dtype | None) -> list[Job]:
+    """One job per table entry: the source rows it reads (a part of a packed tensor, or all)."""
+    jobs = []
+    for e in entries:
+        rows = (e.transform.start, e.transform.stop) if isinstance(e.transform, names.Rows) else (0, e.hf_shape[0])
+        jobs.append(Job(e, rows, out_dtype if out_dtype is not None else reader.dtype(e.name)))
+    return jobs
+
+
+def plan_groups(sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices whose sizes add up to at most ``budget`` (a larger item stands alone)."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if groups and total + size <= budget:
+            groups[-1].append(i)
+            total += size
+        else:
+            groups.append([i])
+            total = size
+    return groups
+
+
+def write_params(path: str, jobs: list[Job], reader: RowReader, budget: int,
+                 progress: Callable[[int], Any] = lambda n: None) -> None:
+    """Writes every job's parameter into the Orbax checkpoint ``path``, one group per partial save.
+
+    Saves run in the background while the next group is filled, as long as the bytes held (the group
+    being written plus the one being filled) stay within the largest parameter plus half a group.
+    """
+    ocp = ock.orbax_v1()
+    ctx = ocp.Context()
+    ctx.memory.deepcopy_host_arrays = False      # we never touch a saved array again: no defensive copy
+    ctx.array.saving.use_compression = False     # zstd saves ~25 % on bf16, costs CPU on every save/load
+    sizes = [j.nbytes for j in jobs]
+    cap = max(sizes) + budget // 2
+    in_flight, in_flight_bytes = None, 0
+    with ctx:
+        try:
+            for group in plan_groups(sizes, budget):
+                nbytes = sum(sizes[i] for i in group)
+                if in_flight is not None and in_flight_bytes + nbytes > cap:
+                    (response, in_flight), in_flight_bytes = (in_flight, None), 0
+                    response.result()
+                arrays = {ock.tree_key(jobs[i].entry.path): fill(jobs[i], reader, progress) for i in group}
+                if in_flight is not None:
+                    response, in_flight = in_flight, None
+                    response.result()
+                in_flight, in_flight_bytes = _write_group(path, ock.nest(arrays)), nbytes
+                del arrays
+            response, in_flight = in_flight, None
+            response.result()
+        finally:
+            if in_flight is not None:            # failed while a save runs: let it end before the folder goes
+                with contextlib.suppress(Exception):
+                    in_flight.result()
+        ocp.partial.finalize(path)
+    stored = ock.stored_arrays(path)
+    for j in jobs:
+        key = ock.tree_key(j.entry.path)
+        if stored.get(key) != (tuple(j.entry.shape), j.dtype):
+            raise ConvertError(f"{path}: parameter {ock.show(key)} reads back as {stored.get(key)}, "
+                               f"written as {(tuple(j.entry.shape), j.dtype)}")
+    if len(stored) != len(jobs):
+        raise ConvertError(f"{path}: holds {len(stored)} arrays, {len(jobs)} were written")
+
+
+def _write_group(path: str, tree: dict):
+    """Starts one partial save of a group of parameters (the only place the converter writes array data);
+    returns the response to wait on with ``.result()``."""
+    return ock.orbax_v1().partial.save_async(path, tree)
+
+
+def fill(job: Job, reader: RowReader, progress: Callable[[int], Any] = lambda n: None) -> np.ndarray:
+    """The parameter of ``job`` in our layout and stored dtype, read from its source rows block by block."""
+    e, (start, stop) = job.entry, job.rows
+    src_dtype = reader.dtype(e.name)
+    out = np.empty(e.shape, job.dtype)
+    target = e.transform.inverse(out)            # the source rows [start, stop) as a view of `out`
+    rows_shape = (stop - start,) + tuple(e.hf_shape[1:])
+    if tuple(target.shape) != rows_shape or not _is_view_of(target, out):
+        # A transform whose inverse is not a view: read the whole tensor and apply it forwards.
+        whole = np.empty(e.hf_shape, src_dtype)
+        _read_rows(reader, e.name, 0, whole, progress)
+        out[...] = e.transform(whole)
+        return out
+    if target.flags.c_contiguous and target.dtype == src_dtype:
+        _read_rows(reader, e.name, start, target, progress)   # straight into the output
+        return out
+    step = max(1, BLOCK_BYTES // max(1, reader.row_bytes(e.name)))
+    buf = np.empty((min(step, len(target)),) + rows_shape[1:], src_dtype)
+    for i in range(0, len(target), step):
+        block = buf[:min(step, len(target) - i)]
+        reader.read_into(e.name, start + i, block)
+        for j in range(0, len(block), TILE_ROWS):
+            k = min(j + TILE_ROWS, len(block))
+            target[i + j:i + k] = block[j:k]     # transposes (through the view) and casts
+        progress(block.nbytes)
+    return out
+
+
+def _read_rows(reader: RowReader, name: str, start: int, out: np.ndarray, progress) -> None:
+    step = max(1, BLOCK_BYTES // max(1, reader.row_bytes(name)))
+    for i in range(0, len(out), step):
+        block = out[i:i + step]
+        reader.read_into(name, start + i, block)
+        progress(block.nbytes)
+
+
+def _is_view_of(view: np.ndarray, base: np.ndarray) -> bool:
+    b = view
+    while b is not None:
+        if b is base:
+            return True
+        b = b.base
+    return False
+
+
+def _write_manifest(folder: str, src: str, source_folder: str, ckpt: HFCheckpoint, out_dtype, result,
+                    copied: list[str]) -> None:
+    manifest = {
+        "format": ock.FORMAT,
+        "format_version": ock.FORMAT_VERSION,
+        "tool": {"minicpmv-jax": minicpmv_jax.__version__, **_versions("orbax-checkpoint", "jax", "numpy")},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"location": src, "folder": os.path.abspath(source_folder), "files": describe_files(ckpt),
+                   "dtypes": dict(collections.Counter(i.dtype for i in ckpt.tensors.values()))},
+        "dtype": {"requested": None if out_dtype is None else out_dtype.name, "stored": result.stored_dtypes},
+        "params": {"folder": ock.PARAMS_DIR, "arrays": result.num_arrays, "parameters": result.num_parameters,
+                   "bytes": result.bytes_written},
+        "ignored_tensors": list(result.ignored_tensors),
+        "copied_files": copied,
+    }
+    with open(os.path.join(folder, ock.MANIFEST_FILE), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+
+
+def _versions(*packages: str) -> dict[str, str]:
+    out = {}
+    for p in packages:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+

@@ -1,0 +1,157 @@
+"""The conversion's source: an HF folder (or a Hugging Face Hub id) and its tensors, read in row blocks.
+
+:class:`RowReader` reads any row range of a safetensors tensor with plain positioned reads (no mmap), so
+the converter never holds more of a source tensor than one block; the files' headers were already
+validated by :class:`minicpmv_jax.hf_checkpoint.HFCheckpoint`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+
+import ml_dtypes
+import numpy as np
+
+from minicpmv_jax.hf_checkpoint import INDEX_FILE, CheckpointError, HFCheckpoint
+
+from ._errors import ConvertError
+
+# Files besides the weights that loading a converted folder needs (config, tokenizer, preprocessor,
+# generation defaults); copied unchanged. The same patterns select what a Hub download fetches.
+AUX_PATTERNS = ("*.json", "*.txt", "*.jinja")
+WEIGHT_PATTERNS = ("*.safetensors", INDEX_FILE)
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+SAFETENSORS_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+                      "BF16": np.dtype(ml_dtypes.bfloat16)}
+
+
+# --------------------------------------------------------------------------- where the source is
+
+
+def resolve_source(src: str | os.PathLike) -> str:
+    """``src`` as a local folder: an existing folder, or a Hub id downloaded with ``huggingface_hub``."""
+    src = os.fspath(src)
+    if os.path.isdir(src):
+        return src
+    if os.path.exists(src):
+        raise ConvertError(f"{src}: not a folder (expected an HF checkpoint folder or a Hub id)")
+    if not _HUB_ID.fullmatch(src) or src.startswith((".", "/", "~")):
+        raise ConvertError(f"{src}: no such folder")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ConvertError(f"{src}: no such folder; to download it from the Hugging Face Hub, install the "
+                           "`hub` extra (pip install 'minicpmv-jax[hub]')") from None
+    try:
+        return huggingface_hub.snapshot_download(repo_id=src, allow_patterns=[*WEIGHT_PATTERNS, *AUX_PATTERNS])
+    except Exception as e:  # offline, unknown repo, gated, HTTP errors: one line naming the id
+        why = " ".join(str(e).split())          # Hub errors span lines; ours is one
+        raise ConvertError(f"{src}: no such folder, and downloading it from the Hugging Face Hub failed "
+                           f"({type(e).__name__}: {why})") from None
+
+
+def aux_files(folder: str) -> list[str]:
+    """Names of the non-weight files to copy (config, tokenizer, preprocessor, generation config)."""
+    return sorted(name for name in os.listdir(folder)
+                  if os.path.isfile(os.path.join(folder, name)) and name != INDEX_FILE
+                  and any(fnmatch.fnmatch(name, p) for p in AUX_PATTERNS))
+
+
+def copy_aux_files(src: str, dst: str) -> list[str]:
+    names = aux_files(src)
+    for name in names:
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return names
+
+
+def describe_files(ckpt: HFCheckpoint) -> list[dict]:
+    """Each safetensors file: name, size and the SHA-256 of its header (names, dtypes, shapes, offsets)."""
+    out = []
+    for file in sorted({info.file for info in ckpt.tensors.values()}):
+        with open(file, "rb") as f:
+            header = f.read(int.from_bytes(f.read(8), "little"))
+        out.append({"name": os.path.relpath(file, ckpt.folder), "bytes": os.path.getsize(file),
+                    "header_sha256": hashlib.sha256(header).hexdigest()})
+    return out
+
+
+# --------------------------------------------------------------------------- reading row blocks
+
+
+class RowReader:
+    """Row ranges of the tensors of an opened :class:`HFCheckpoint`, read with ``os.preadv``."""
+
+    def __init__(self, ckpt: HFCheckpoint):
+        self.ckpt = ckpt
+        self._offsets: dict[str, dict[str, tuple[int, int]]] = {}
+        self._fds: dict[str, int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "RowReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def dtype(self, name: str) -> np.dtype:
+        return SAFETENSORS_DTYPES[self.ckpt.tensors[name].dtype]
+
+    def row_bytes(self, name: str) -> int:
+        shape = self.ckpt.tensors[name].shape
+        return int(np.prod(shape[1:], dtype=np.int64)) * self.dtype(name).itemsize
+
+    def read_into(self, name: str, start: int, out: np.ndarray) -> None:
+        """Fills the C-contiguous ``out`` (``len(out)`` rows, the tensor's dtype) from row ``start`` on."""
+        if not out.flags.c_contiguous:
+            raise ValueError("read_into needs a C-contiguous array")
+        info = self.ckpt.tensors[name]
+        begin, end = self._data_range(info.file, name)
+        fd = self._fd(info.file)
+        offset = begin + start * self.row_bytes(name)
+        size = out.nbytes
+        if offset + size > end:
+            raise CheckpointError(f"{info.file}: tensor {name}: rows {start}..{start + len(out)} lie outside "
+                                  "its data")
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < size:
+            try:
+                n = os.preadv(fd, [buf[done:]], offset + done)
+            except OSError as e:
+                raise CheckpointError(f"{info.file}: cannot read tensor {name} ({e})") from None
+            if n == 0:
+                raise CheckpointError(f"{info.file}: truncated inside tensor {name} (the file ends at byte "
+                                      f"{offset + done}, the tensor needs {offset + size})")
+            done += n
+
+    def _fd(self, file: str) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        return self._fds[file]
+
+    def _data_range(self, file: str, name: str) -> tuple[int, int]:
+        """Absolute byte range of ``name``'s data in ``file`` (from the safetensors header)."""
+        if file not in self._offsets:
+            try:
+                with open(file, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(n))
+                self._offsets[file] = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+                                       for k, v in header.items() if k != "__metadata__"}
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+                raise CheckpointError(f"{file}: not a readable safetensors header ({e})") from None
+        try:
+            return self._offsets[file][name]
+        except KeyError:
+            raise CheckpointError(f"{file}: holds no tensor {name}") from None

@@ -1,0 +1,178 @@
+"""The folder ``minicpmv-jax convert`` writes, and restoring it into a model.
+
+Layout of a converted folder::
+
+    DST/
+      convert_manifest.json   format name and version, tool versions, source files (sizes, header hashes),
+                              stored dtypes, tensors read and ignored (:data:`MANIFEST_FILE`)
+      config.json, generation_config.json, preprocessor_config.json, tokenizer.json, tokenizer_config.json,
+      vocab.json, merges.txt, ...   copied unchanged from the HF folder
+      params/                 an Orbax checkpoint (OCDBT, uncompressed) of the parameter tree (:data:`PARAMS_DIR`)
+
+The parameter tree holds exactly the parameters of :class:`minicpmv_jax.model.MiniCPMV`, already in our
+layout (transposed, split into heads: the name table's transforms applied), as nested dicts keyed by the
+NNX path components spelled as strings: ``params["llm"]["layers"]["0"]["attn"]["q"]["kernel"]``. Loading
+is therefore a plain Orbax restore into a tree of ``jax.ShapeDtypeStruct`` that carry each parameter's
+target sharding and dtype: each device receives only its own shards, and nothing is transformed on the
+host. Each array is stored as one chunk (Orbax's layout for host arrays); chunking aligned with a mesh, so
+that a host also *reads* only its shards' bytes, belongs with sharded loading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from .checkpoint_names import Path
+from .hf_checkpoint import CheckpointError
+
+MANIFEST_FILE = "convert_manifest.json"
+PARAMS_DIR = "params"
+FORMAT = "minicpmv-jax/orbax"
+FORMAT_VERSION = 1
+
+Key = tuple[str, ...]
+
+
+def orbax_v1():
+    """``orbax.checkpoint.experimental.v1`` (partial saving, loading into abstract trees), or a clear error."""
+    try:
+        import orbax.checkpoint.experimental.v1 as ocp
+        ocp.partial.save  # noqa: B018 (present from orbax-checkpoint 0.12 on)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError("converted checkpoints need orbax-checkpoint >= 0.12.8 with "
+                              f"orbax.checkpoint.experimental.v1.partial ({e})") from None
+    return ocp
+
+
+# --------------------------------------------------------------------------- tree keys
+
+
+def tree_key(path: Path) -> Key:
+    """Our NNX path → the key path of the stored tree (every component a string)."""
+    return tuple(str(p) for p in path)
+
+
+def nest(flat: Mapping[Key, Any]) -> dict:
+    """``{("llm", "norm", "weight"): x}`` → ``{"llm": {"norm": {"weight": x}}}``."""
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        for part in key[:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = value
+    return tree
+
+
+def flatten(tree: Mapping[str, Any], prefix: Key = ()) -> Iterator[tuple[Key, Any]]:
+    """Inverse of :func:`nest`: (key path, leaf) pairs."""
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from flatten(value, prefix + (str(name),))
+        else:
+            yield prefix + (str(name),), value
+
+
+def show(key: Key) -> str:
+    return "/".join(key)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def is_converted(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` was written by ``minicpmv-jax convert`` (it holds the manifest)."""
+    return os.path.isfile(os.path.join(folder, MANIFEST_FILE))
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of a converted folder, checked for our format and a version we can read."""
+    file = os.path.join(folder, MANIFEST_FILE)
+    try:
+        with open(file, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: no such file (not a folder written by minicpmv-jax convert)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: not a minicpmv-jax manifest (format is not {FORMAT!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: format_version {manifest.get('format_version')!r}, this build reads "
+                              f"version {FORMAT_VERSION}; convert the HF folder again")
+    return manifest
+
+
+# --------------------------------------------------------------------------- restore
+
+
+def stored_params(folder: str | os.PathLike) -> dict[Key, tuple[tuple[int, ...], np.dtype]]:
+    """Key path → (shape, dtype) of every array in the converted folder's parameter checkpoint."""
+    params = os.path.join(folder, PARAMS_DIR)
+    if not os.path.isdir(params):
+        raise CheckpointError(f"{params}: no such folder (the converted checkpoint is incomplete)")
+    return stored_arrays(params)
+
+
+def stored_arrays(params: str | os.PathLike) -> dict[Key, tuple[tuple[int, ...], np.dtype]]:
+    """Key path → (shape, dtype) of every array in the Orbax checkpoint ``params`` (metadata only)."""
+    ocp = orbax_v1()
+    try:
+        tree = ocp.metadata(params).metadata
+    except Exception as e:  # orbax raises assorted types for a damaged checkpoint
+        raise CheckpointError(f"{params}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from None
+    return {key: (tuple(m.shape), np.dtype(m.dtype)) for key, m in flatten(tree)}
+
+
+def restore_params(folder: str | os.PathLike, module: nnx.Module, *,
+                   shardings: Mapping[Path, jax.sharding.Sharding] | None = None) -> nnx.Module:
+    """Fills ``module`` (abstract, from ``nnx.eval_shape``) from a converted folder's parameters.
+
+    Every parameter is restored straight into its target: the module's dtype (cast by the reader when it
+    differs from the stored one; bit-identical to numpy's cast except for NaN payloads) and
+    ``shardings[path]`` (default: the first device). The stored tree must hold exactly the module's
+    parameters with the same shapes; otherwise a ``CheckpointError`` names the parameter (e.g. after
+    ``config.json`` was edited).
+    """
+    folder = os.fspath(folder)
+    read_manifest(folder)
+    params = os.path.join(folder, PARAMS_DIR)
+    stored = stored_params(folder)
+    graphdef, state = nnx.split(module)
+    flat = dict(nnx.to_flat_state(state))
+    wanted = {tree_key(p): p for p in flat}
+    missing = sorted(set(wanted) - set(stored))
+    if missing:
+        raise CheckpointError(f"{params}: parameter {show(missing[0])} is missing"
+                              f"{_more(missing)}; it does not match {os.path.join(folder, 'config.json')}")
+    unexpected = sorted(set(stored) - set(wanted))
+    if unexpected:
+        raise CheckpointError(f"{params}: unexpected parameter {show(unexpected[0])}{_more(unexpected)}; "
+                              f"it does not match {os.path.join(folder, 'config.json')}")
+    for key, path in wanted.items():
+        shape, want = stored[key][0], tuple(flat[path].shape)
+        if shape != want:
+            raise CheckpointError(f"{params}: parameter {show(key)} has shape {list(shape)}, "
+                                  f"{os.path.join(folder, 'config.json')} implies {list(want)}")
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = shardings or {}
+    abstract = nest({key: jax.ShapeDtypeStruct(flat[path].shape, flat[path].dtype,
+                                               sharding=shardings.get(path, default))
+                     for key, path in wanted.items()})
+    ocp = orbax_v1()
+    try:
+        restored = dict(flatten(ocp.load(params, abstract)))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{params}: cannot restore the parameters ({type(e).__name__}: {e})") from None
+    for key, path in wanted.items():
+        flat[path].set_value(restored[key])
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _more(items: list) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
