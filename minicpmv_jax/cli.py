@@ -3,6 +3,12 @@
 Subcommands available in this build:
 
     minicpmv-jax info --model PATH     check a checkpoint folder against its config and summarise it
+    minicpmv-jax convert SRC DST       convert an HF safetensors checkpoint to a folder with Orbax parameters
+    minicpmv-jax chat --model M PROMPT answer a prompt about images (--image) or a video (--video)
+    minicpmv-jax generate --model M --input requests.jsonl --output answers.jsonl   batched answers
+
+``--model`` takes a checkpoint folder, a Hugging Face Hub id (downloaded and converted once), or ``demo``
+(a tiny random-weight model for trying the pipeline offline; its answers are noise).
 
 Errors in the user's input (a bad folder, config or tensor) are reported in one line naming the file,
 key or tensor, with exit status 2; no traceback.
@@ -13,9 +19,11 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
+import warnings
 
 from . import __version__
 from . import checkpoint_names as names
+from .cli_generate import add_chat_parser, add_generate_parser
 from .config import ConfigError, MiniCPMVConfig, num_parameters
 from .hf_checkpoint import CheckpointError, HFCheckpoint
 from .model import _extra_vision_layers
@@ -43,6 +51,20 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from convert_weights import convert  # imports Orbax: only when converting
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        r = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+    for w in caught:
+        print(f"minicpmv-jax convert: warning: {w.message}", file=sys.stderr)
+    dtypes = ", ".join(f"{n} {d}" for d, n in r.stored_dtypes.items())
+    print(f"converted    {args.src} -> {r.dst}: {r.num_arrays} arrays ({dtypes}), "
+          f"{r.num_parameters / 1e9:.3f} B parameters, {r.bytes_written / 2**30:.2f} GiB in {r.seconds:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minicpmv-jax", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"minicpmv-jax {__version__}")
@@ -50,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="check a checkpoint folder against its config and summarise it")
     info.add_argument("--model", required=True, help="HF-format MiniCPM-V checkpoint folder")
     info.set_defaults(func=_info)
+    conv = sub.add_parser("convert", help="convert an HF safetensors checkpoint to a folder with Orbax parameters")
+    conv.add_argument("src", metavar="SRC", help="HF-format checkpoint folder (single or sharded safetensors), or "
+                      "a Hugging Face Hub id (needs the `hub` extra)")
+    conv.add_argument("dst", metavar="DST", help="output folder; must not exist unless --overwrite")
+    conv.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                      help="cast every parameter (default: keep the source dtypes)")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace DST (only a folder this command wrote); it stays intact if converting fails")
+    conv.set_defaults(func=_convert)
+    add_chat_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 
@@ -57,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, ValueError, OSError) as e:  # bad input: one line, no traceback
         print(f"minicpmv-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -24,7 +24,8 @@ import numpy as np
 
 from minicpmv_jax.patches import DEFAULT_PATCH_BUCKETS, pack_pieces
 
-__all__ = ["ImageInputs", "build_image_inputs", "place_features", "pieces_bucket"]
+__all__ = ["ImageInputs", "build_image_inputs", "feature_slots", "pack_for_encoder", "place_features",
+           "pieces_bucket"]
 
 
 def pieces_bucket(n: int) -> int:
@@ -53,22 +54,18 @@ class ImageInputs:
     num_pieces: int
 
 
-def build_image_inputs(
-    pixel_values: Sequence[Sequence[np.ndarray]],
+def feature_slots(
     image_bound: Sequence[np.ndarray],
+    num_pieces: Sequence[int],
     shape: tuple[int, int],
     offsets: Sequence[int] | None = None,
-    *,
     num_queries: int = 64,
-    patch_size: int = 14,
-    side: int = 70,
-    buckets: Sequence[int] = DEFAULT_PATCH_BUCKETS,
-) -> ImageInputs | None:
-    """Packs the pieces of a batch and maps them onto their placeholder spans.
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Maps placeholder spans to feature rows.
 
     Args:
-      pixel_values: per prompt, its pieces float32 ``[3, h, w]`` in placeholder order.
       image_bound: per prompt, int ``[n_i, 2]`` spans ``[start, end)`` in that prompt's row of the batch.
+      num_pieces: per prompt, how many pieces it has.
       shape: ``(B, T)`` of the (possibly padded) token batch the spans are placed into; B may exceed the
         number of prompts (extra rows get no features).
       offsets: per prompt, how far its row was shifted right after the processor built it (extra left
@@ -80,22 +77,22 @@ def build_image_inputs(
     Q long or falls outside the row, is an error naming the prompt.
 
     Returns:
-      The packed arrays, or None when no prompt has a span (a text-only batch).
+      ``feature_index`` int32 ``[B, T]`` (the used pieces' features flattened to ``[n·Q, D]``, −1 where no
+      feature goes) and the used pieces as ``(prompt, piece)`` pairs, in feature order.
     """
     rows, length = shape
-    if len(image_bound) != len(pixel_values):
-        raise ValueError(f"image_bound has {len(image_bound)} entries but pixel_values {len(pixel_values)}: "
+    if len(image_bound) != len(num_pieces):
+        raise ValueError(f"image_bound has {len(image_bound)} entries but pixel_values {len(num_pieces)}: "
                          "give one per prompt")
     if len(image_bound) > rows:
         raise ValueError(f"{len(image_bound)} prompts do not fit a batch of {rows} rows")
     offsets = [0] * len(image_bound) if offsets is None else list(offsets)
-    used: list[np.ndarray] = []
+    used: list[tuple[int, int]] = []
     feature_index = np.full((rows, length), -1, np.int32)
-    for b, (bounds, pieces) in enumerate(zip(image_bound, pixel_values)):
+    for b, (bounds, count) in enumerate(zip(image_bound, num_pieces)):
         bounds = np.asarray(bounds, np.int64).reshape(-1, 2)
-        if len(bounds) > len(pieces):
-            raise ValueError(f"prompt {b}: {len(bounds)} image placeholder spans but only {len(pieces)} image "
-                             "pieces")
+        if len(bounds) > count:
+            raise ValueError(f"prompt {b}: {len(bounds)} image placeholder spans but only {count} image pieces")
         for j, (start, end) in enumerate(bounds.tolist()):
             if end - start != num_queries:
                 raise ValueError(f"prompt {b}: image_bound span {j} [{start}, {end}) holds {end - start} "
@@ -104,11 +101,44 @@ def build_image_inputs(
             if start < 0 or start + num_queries > length:
                 raise ValueError(f"prompt {b}: image_bound span {j} lies outside the row of length {length}")
             feature_index[b, start:start + num_queries] = np.arange(num_queries) + len(used) * num_queries
-            used.append(np.asarray(pieces[j], np.float32))
+            used.append((b, j))
+    return feature_index, used
+
+
+def pack_for_encoder(pieces: Sequence[np.ndarray], *, patch_size: int = 14, side: int = 70,
+                     buckets: Sequence[int] = DEFAULT_PATCH_BUCKETS) -> tuple[np.ndarray, ...]:
+    """``pack_pieces`` with the piece count padded to :func:`pieces_bucket`: (patches, pos_ids, valid,
+    tgt_sizes)."""
+    return pack_pieces([np.asarray(p, np.float32) for p in pieces], buckets, patch_size=patch_size, side=side,
+                       batch_size=pieces_bucket(len(pieces)))
+
+
+def build_image_inputs(
+    pixel_values: Sequence[Sequence[np.ndarray]],
+    image_bound: Sequence[np.ndarray],
+    shape: tuple[int, int],
+    offsets: Sequence[int] | None = None,
+    *,
+    num_queries: int = 64,
+    patch_size: int = 14,
+    side: int = 70,
+    buckets: Sequence[int] = DEFAULT_PATCH_BUCKETS,
+) -> ImageInputs | None:
+    """Packs the pieces of a batch and maps them onto their placeholder spans (see :func:`feature_slots`).
+
+    Args:
+      pixel_values: per prompt, its pieces float32 ``[3, h, w]`` in placeholder order.
+      image_bound, shape, offsets, num_queries: as in :func:`feature_slots`.
+
+    Returns:
+      The packed arrays, or None when no prompt has a span (a text-only batch).
+    """
+    feature_index, used = feature_slots(image_bound, [len(p) for p in pixel_values], shape, offsets, num_queries)
     if not used:
         return None
-    patches, pos_ids, valid, tgt_sizes = pack_pieces(used, buckets, patch_size=patch_size, side=side,
-                                                     batch_size=pieces_bucket(len(used)))
+    pieces = [pixel_values[b][j] for b, j in used]
+    patches, pos_ids, valid, tgt_sizes = pack_for_encoder(pieces, patch_size=patch_size, side=side,
+                                                          buckets=buckets)
     return ImageInputs(patches, pos_ids, valid, tgt_sizes, feature_index, len(used))
 
 

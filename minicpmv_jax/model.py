@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import chat as _chat_lib
 from . import checkpoint_names as names
+from . import orbax_checkpoint
 from .config import MiniCPMVConfig
 from .hf_checkpoint import CheckpointError, HFCheckpoint  # noqa: F401 (CheckpointError re-exported)
 from .image_inputs import ImageInputs, build_image_inputs, place_features
@@ -65,7 +67,8 @@ class MiniCPMV(nnx.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: Any = "bfloat16", mesh=None, *,
                         param_dtype: Any = None) -> "MiniCPMV":
-        """Loads an HF-format checkpoint folder (single or sharded safetensors).
+        """Loads an HF-format checkpoint folder (single or sharded safetensors) or a folder written by
+        ``minicpmv-jax convert`` (an Orbax restore, see :mod:`minicpmv_jax.orbax_checkpoint`).
 
         ``dtype`` is the computation dtype and, unless ``param_dtype`` says otherwise, the storage dtype
         of the parameters (cast from whatever the files hold). Raises ``CheckpointError`` naming the
@@ -77,9 +80,11 @@ class MiniCPMV(nnx.Module):
         if not os.path.isdir(folder):
             raise CheckpointError(f"{folder}: not a directory")
         config = MiniCPMVConfig.from_pretrained(folder)
+        abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+        if orbax_checkpoint.is_converted(folder):            # written by `minicpmv-jax convert`
+            return orbax_checkpoint.restore_params(folder, abstract)
         ckpt = HFCheckpoint.open(folder)
         ckpt.validate(names.expected_tensors(config), extra_ok=_extra_vision_layers(config))
-        abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
         return names.load_entries(abstract, ckpt.read, names.entries(config, LOADED_TOWERS),
                                   where=ckpt.where)
 
@@ -134,10 +139,51 @@ class MiniCPMV(nnx.Module):
         """Packed pieces (see :class:`ImageInputs`) → resampled features ``[N, Q, D]`` (call under jit)."""
         return self.resampler(self.vpm(patches, pos_ids, valid), tgt_sizes)
 
+    def encode_pieces_packed(self, patches, pos_ids, valid, tgt_sizes) -> jax.Array:
+        """:meth:`encode_images` compiled (once per piece-count and patch-count bucket)."""
+        graphdef, state = nnx.split(self)
+        return _encode(graphdef, state, *(jnp.asarray(a) for a in (patches, pos_ids, valid, tgt_sizes)))
+
+    # ------------------------------------------------------------------ chat
+
+    def chat(self, image=None, msgs=None, processor=None, sampling: bool = True, max_new_tokens: int = 2048,
+             stream: bool = False, system_prompt: str = "", max_slice_nums: int | None = None,
+             use_image_id: bool | None = None, max_inp_length: int = 8192, **generation_kwargs):
+        """Answers a conversation (or a batch of them) about images (DESIGN §8).
+
+        Args:
+          image: a PIL image put before the first message's text (when that content is a string), or None;
+            for a batch, one entry per conversation.
+          msgs: ``[{"role": "user" | "assistant", "content": str | [str | PIL image, ...]}, ...]``, or a list
+            of such conversations (then a list of answers is returned).
+          processor: the checkpoint's :class:`~minicpmv_jax.processor.MiniCPMVProcessor`.
+          sampling: True → top_p 0.8, top_k 100, temperature 0.7, repetition_penalty 1.05;
+            False → beam search, 3 beams, repetition_penalty 1.2 (DESIGN §7). Keywords override.
+          max_new_tokens: tokens generated at most.
+          stream: return an iterator of text pieces (one conversation; sampling or greedy).
+          system_prompt: prepended as a system message when not empty.
+          max_slice_nums, use_image_id: override the processor's configuration.
+          max_inp_length: the prompt is cut to its first ``max_inp_length`` tokens.
+          **generation_kwargs: ``min_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+            ``repetition_penalty``, ``num_beams``, ``length_penalty``, ``do_sample``, ``seed`` (same seed →
+            same text). Unknown keywords raise ``TypeError``.
+
+        Returns:
+          The answer (str), a list of answers for a batch, or an iterator of pieces with ``stream=True``.
+        """
+        return _chat_lib.chat(self, image, msgs, processor, sampling=sampling, max_new_tokens=max_new_tokens,
+                    stream=stream, system_prompt=system_prompt, max_slice_nums=max_slice_nums,
+                    use_image_id=use_image_id, max_inp_length=max_inp_length, **generation_kwargs)
+
 
 def _vision_args(images: ImageInputs) -> tuple[jax.Array, ...]:
     return tuple(jnp.asarray(a) for a in (images.patches, images.pos_ids, images.valid, images.tgt_sizes,
                                           images.feature_index))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(graphdef, state, patches, pos_ids, valid, tgt_sizes):
+    return nnx.merge(graphdef, state).encode_images(patches, pos_ids, valid, tgt_sizes)
 
 
 @functools.partial(jax.jit, static_argnums=0)

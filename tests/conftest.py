@@ -2,12 +2,17 @@ import os
 
 import pytest
 
-from minicpmv_jax import config as C
-from minicpmv_jax.testing.checkpoint import write_checkpoint
-from minicpmv_jax.testing.tokenizer_files import write_tokenizer_files
 
 # Keep XLA to the test machine's cores and off any accelerator (tests are the CPU tier).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight simulated CPU devices for the sharding tests (read when the backend starts, i.e. at first use).
+# Unsharded computations still run on one device; measured: no slowdown of the single-device tests.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+from minicpmv_jax import config as C  # noqa: E402 (after the XLA environment)
+from minicpmv_jax.testing.checkpoint import write_checkpoint
+from minicpmv_jax.testing.tokenizer_files import write_tokenizer_files
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +34,23 @@ def tok_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tokenizer"))
     write_tokenizer_files(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    """The tiny checkpoint loaded in float32 (shared: loading and compiling once per session)."""
+    from minicpmv_jax import MiniCPMV
+    return MiniCPMV.from_pretrained(tiny_checkpoint[0], dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_checkpoint):
+    from minicpmv_jax import MiniCPMVProcessor
+    return MiniCPMVProcessor.from_pretrained(tiny_checkpoint[0])
+
+
+@pytest.fixture(scope="session")
+def torch_reference(tiny_config, tiny_checkpoint):
+    """The torch composite (transformers Qwen2 + torch vision reference) on the tiny checkpoint."""
+    from torch_composite import TorchMiniCPMV
+    return TorchMiniCPMV(tiny_config, tiny_checkpoint[1])

