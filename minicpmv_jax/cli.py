@@ -21,23 +21,31 @@ import collections
 import sys
 import warnings
 
-from . import __version__
+from flax import nnx
+
+from . import __version__, orbax_checkpoint
 from . import checkpoint_names as names
 from .cli_generate import add_chat_parser, add_generate_parser
 from .config import ConfigError, MiniCPMVConfig, num_parameters
 from .hf_checkpoint import CheckpointError, HFCheckpoint
-from .model import _extra_vision_layers
+from .model import MiniCPMV, _extra_vision_layers
 
 
 def _info(args: argparse.Namespace) -> int:
     cfg = MiniCPMVConfig.from_pretrained(args.model)
-    ckpt = HFCheckpoint.open(args.model)
-    ckpt.validate(names.expected_tensors(cfg), extra_ok=_extra_vision_layers(cfg))
+    if orbax_checkpoint.is_converted(args.model):
+        abstract = nnx.eval_shape(lambda: MiniCPMV(cfg, rngs=nnx.Rngs(0)))
+        stored = orbax_checkpoint.check_params(args.model, abstract)
+        dtypes = collections.Counter(str(dtype) for _, dtype in stored.values())
+        print(f"checkpoint   {args.model}: converted (Orbax), {len(stored)} arrays, dtypes {dict(dtypes)}: OK")
+    else:
+        ckpt = HFCheckpoint.open(args.model)
+        ckpt.validate(names.expected_tensors(cfg), extra_ok=_extra_vision_layers(cfg))
+        dtypes = collections.Counter(i.dtype for i in ckpt.tensors.values())
+        files = {i.file for i in ckpt.tensors.values()}
+        print(f"checkpoint   {args.model}: {len(ckpt.tensors)} tensors in {len(files)} file(s), "
+              f"dtypes {dict(dtypes)}: OK")
     l, v = cfg.llm, cfg.vision
-    dtypes = collections.Counter(i.dtype for i in ckpt.tensors.values())
-    files = {i.file for i in ckpt.tensors.values()}
-    print(f"checkpoint   {args.model}: {len(ckpt.tensors)} tensors in {len(files)} file(s), "
-          f"dtypes {dict(dtypes)}: OK")
     print(f"parameters   {num_parameters(cfg) / 1e9:.3f} B")
     print(f"llm          Qwen2: {l.num_hidden_layers} layers, width {l.hidden_size}, "
           f"{l.num_attention_heads} heads / {l.num_key_value_heads} KV heads of {l.head_dim}, "

@@ -140,25 +140,11 @@ def restore_params(folder: str | os.PathLike, module: nnx.Module, *,
     ``config.json`` was edited).
     """
     folder = os.fspath(folder)
-    read_manifest(folder)
-    params = os.path.join(folder, PARAMS_DIR)
-    stored = stored_params(folder)
     graphdef, state = nnx.split(module)
     flat = dict(nnx.to_flat_state(state))
     wanted = {tree_key(p): p for p in flat}
-    missing = sorted(set(wanted) - set(stored))
-    if missing:
-        raise CheckpointError(f"{params}: parameter {show(missing[0])} is missing"
-                              f"{_more(missing)}; it does not match {os.path.join(folder, 'config.json')}")
-    unexpected = sorted(set(stored) - set(wanted))
-    if unexpected:
-        raise CheckpointError(f"{params}: unexpected parameter {show(unexpected[0])}{_more(unexpected)}; "
-                              f"it does not match {os.path.join(folder, 'config.json')}")
-    for key, path in wanted.items():
-        shape, want = stored[key][0], tuple(flat[path].shape)
-        if shape != want:
-            raise CheckpointError(f"{params}: parameter {show(key)} has shape {list(shape)}, "
-                                  f"{os.path.join(folder, 'config.json')} implies {list(want)}")
+    _check_against(folder, {key: tuple(flat[path].shape) for key, path in wanted.items()})
+    params = os.path.join(folder, PARAMS_DIR)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = shardings or {}
     abstract = nest({key: jax.ShapeDtypeStruct(flat[path].shape, flat[path].dtype,
@@ -172,6 +158,36 @@ def restore_params(folder: str | os.PathLike, module: nnx.Module, *,
     for key, path in wanted.items():
         flat[path].set_value(restored[key])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def check_params(folder: str | os.PathLike, module: nnx.Module) -> dict[Key, tuple[tuple[int, ...], np.dtype]]:
+    """Checks a converted folder against ``module``'s parameters (abstract is fine) without loading them.
+
+    Returns the stored (shape, dtype) per parameter; raises ``CheckpointError`` naming the first missing,
+    unexpected or misshapen parameter.
+    """
+    flat = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    return _check_against(os.fspath(folder), {tree_key(p): tuple(v.shape) for p, v in flat.items()})
+
+
+def _check_against(folder: str, wanted: Mapping[Key, tuple[int, ...]]) -> dict:
+    read_manifest(folder)
+    params = os.path.join(folder, PARAMS_DIR)
+    stored = stored_params(folder)
+    config = os.path.join(folder, "config.json")
+    missing = sorted(set(wanted) - set(stored))
+    if missing:
+        raise CheckpointError(f"{params}: parameter {show(missing[0])} is missing"
+                              f"{_more(missing)}; it does not match {config}")
+    unexpected = sorted(set(stored) - set(wanted))
+    if unexpected:
+        raise CheckpointError(f"{params}: unexpected parameter {show(unexpected[0])}{_more(unexpected)}; "
+                              f"it does not match {config}")
+    for key, want in wanted.items():
+        if stored[key][0] != want:
+            raise CheckpointError(f"{params}: parameter {show(key)} has shape {list(stored[key][0])}, "
+                                  f"{config} implies {list(want)}")
+    return stored
 
 
 def _more(items: list) -> str:

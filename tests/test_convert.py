@@ -454,6 +454,20 @@ def test_converted_folder_that_no_longer_matches_its_config(tmp_path, converted)
         MiniCPMV.from_pretrained(dst, dtype="bfloat16")
 
 
+def test_info_checks_a_converted_folder(tmp_path, converted, capsys):
+    from minicpmv_jax import cli
+
+    assert cli.main(["info", "--model", converted("bfloat16")]) == 0
+    out = capsys.readouterr().out
+    assert "converted (Orbax)" in out and "bfloat16" in out and ": OK" in out
+    dst = tmp_path / "out"
+    shutil.copytree(converted("bfloat16"), dst)
+    _set_config("intermediate_size", 345)(str(dst))
+    assert cli.main(["info", "--model", str(dst)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "llm/layers/0/mlp/down/kernel" in err and "345" in err
+
+
 def test_manifest_of_another_format_version_is_refused(tmp_path, converted):
     dst = tmp_path / "out"
     shutil.copytree(converted("bfloat16"), dst)
