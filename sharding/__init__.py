@@ -1,16 +1,44 @@
-"""Meshes and logical-axis rules for minicpmv-jax (data / fsdp / tensor).
+"""Meshes and logical-axis rules for minicpmv-jax (mesh axes ``data`` / ``fsdp`` / ``tensor``).
 
-Every parameter declares logical axis names where it is created (see :mod:`minicpmv_jax.layers`);
-this package is the only place that maps them to mesh axes. :data:`LOGICAL_AXES` lists the names the
-model uses today; the rules that place them on a mesh arrive with the sharding work.
+Every parameter declares logical axis names where it is created (see :mod:`minicpmv_jax.layers`); this
+package is the only place that maps them to mesh axes. The modules:
+
+* :mod:`sharding.mesh` — :func:`make_mesh` (``-1`` = the rest of the devices), :func:`abstract_mesh`
+  (device-free, for planning), :func:`parse_mesh_shape` (``"DxFxT"``).
+* :mod:`sharding.rules` — the ordered :data:`RULES` table and :func:`logical_to_spec`, which only uses a
+  mesh axis where it divides the dimension; the fallbacks (``head_dim`` when heads do not divide,
+  ``embed`` when the vocabulary does not) and their decode cost are documented there.
+* :mod:`sharding.placement` — specs / shardings / sharded abstract trees for the parameters,
+  :func:`shard_model`, the batch and KV-cache shardings, and :func:`constrain` for activations.
+* :mod:`sharding.plan` — :func:`plan_memory` / :func:`format_plan`: per-device bytes without weights.
+
+Typical use::
+
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    model = sharding.shard_model(model, mesh)                      # or load straight into shards:
+    shardings = sharding.flat_param_shardings(abstract_model, mesh)  # -> load_entries / restore_params
+    cache = sharding.sharded_kv_cache(cfg, batch, max_len, mesh)
+    step = jax.jit(fn, in_shardings=(..., sharding.kv_cache_shardings(cache, mesh)), ...)
 """
 
-#: Logical axis names carried by the parameters of the three towers.
-LOGICAL_AXES = (
-    # language model
-    "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm",
-    # vision encoder
-    "vision_patch", "vision_pos", "vision_embed", "vision_heads", "vision_head_dim", "vision_mlp",
-    # resampler
-    "resampler_queries", "resampler_heads", "resampler_proj",
-)
+from .mesh import MESH_AXES, abstract_mesh, axis_sizes, make_mesh, mesh_shape, parse_mesh_shape
+from .placement import (abstract_with_shardings, batch_sharding, batch_spec, constrain, constrain_kv_cache,
+                        describe, flat_param_shardings, kv_cache_shardings, kv_cache_specs, logical_axes_of,
+                        param_shardings, param_specs, shard_batch, shard_model, sharded_kv_cache)
+from .plan import MemoryPlan, TowerMemory, abstract_params, format_plan, plan_memory, resolve_config
+from .rules import (ACTIVATION_AXES, CACHE_AXES, LOGICAL_AXES, RULES, Rules, check_rules, logical_to_spec,
+                    num_shards, shards_per_dim, spec_shard_shape)
+
+__all__ = [
+    # mesh
+    "MESH_AXES", "make_mesh", "abstract_mesh", "parse_mesh_shape", "axis_sizes", "mesh_shape",
+    # rules
+    "Rules", "RULES", "LOGICAL_AXES", "ACTIVATION_AXES", "CACHE_AXES", "check_rules", "logical_to_spec",
+    "shards_per_dim", "num_shards", "spec_shard_shape",
+    # placement
+    "logical_axes_of", "param_specs", "param_shardings", "flat_param_shardings", "abstract_with_shardings",
+    "shard_model", "batch_spec", "batch_sharding", "shard_batch", "kv_cache_specs", "kv_cache_shardings",
+    "sharded_kv_cache", "constrain", "constrain_kv_cache", "describe",
+    # plan
+    "MemoryPlan", "TowerMemory", "abstract_params", "plan_memory", "format_plan", "resolve_config",
+]

@@ -1,0 +1,116 @@
+"""The device mesh: three named axes ``data``, ``fsdp`` and ``tensor``.
+
+* ``data``   — pure data parallelism: the batch is split, parameters are replicated.
+* ``fsdp``   — the batch is split *and* every large parameter is split along its model-width axis
+  (``embed`` / ``vision_embed``); XLA gathers a layer's weights where they are used.
+* ``tensor`` — Megatron-style tensor parallelism: heads, MLP width and vocabulary are split, with one
+  all-reduce after the attention and one after the MLP block (details in :mod:`sharding.rules`).
+
+``make_mesh(data=1, fsdp=-1, tensor=1)`` (the default) is pure FSDP over all devices. ``-1`` in one
+position means "the rest of the devices". Meshes use ``AxisType.Auto`` axes: shardings are hints that
+GSPMD propagates, so the model code needs no explicit-sharding annotations on every operation (jax
+0.10's :func:`jax.make_mesh` defaults to ``Explicit`` axes, which this package does not use).
+
+Planning needs no devices at all: :func:`abstract_mesh` builds a :class:`jax.sharding.AbstractMesh` of any
+size (e.g. a 256-chip slice on a laptop), and :func:`axis_sizes` accepts either kind.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Mapping, Sequence
+
+import jax
+from jax.sharding import AbstractMesh, AxisType, Mesh
+
+__all__ = ["MESH_AXES", "MeshLike", "make_mesh", "abstract_mesh", "parse_mesh_shape", "axis_sizes",
+           "mesh_shape"]
+
+#: Names of the mesh axes, outermost first (``data`` spans hosts/slices, ``tensor`` the fastest links).
+MESH_AXES = ("data", "fsdp", "tensor")
+
+MeshLike = Mesh | AbstractMesh | Mapping[str, int] | Sequence[int]
+
+
+def _resolve_sizes(sizes: dict[str, int], num_devices: int, where: str) -> tuple[int, ...]:
+    """Fills a single ``-1`` with the remaining device count; checks that the product matches."""
+    for name, size in sizes.items():
+        if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ValueError(f"{where}: {name}={size!r} must be a positive integer or -1 (the rest of the "
+                             "devices)")
+    rest = [name for name, size in sizes.items() if size == -1]
+    if len(rest) > 1:
+        raise ValueError(f"{where}: only one axis may be -1, got {' and '.join(f'{n}=-1' for n in rest)}")
+    fixed = {n: s for n, s in sizes.items() if s != -1}
+    fixed_product = math.prod(fixed.values())
+    shown = " × ".join(f"{n}={s}" for n, s in fixed.items())
+    if rest:
+        if num_devices % fixed_product:
+            raise ValueError(f"{where}: {rest[0]}=-1 takes the rest of the {num_devices} devices, but "
+                             f"{num_devices} is not divisible by {shown} = {fixed_product}")
+        sizes = {**sizes, rest[0]: num_devices // fixed_product}
+    product = math.prod(sizes.values())
+    if product != num_devices:
+        shown = " × ".join(f"{n}={s}" for n, s in sizes.items())
+        raise ValueError(f"{where}: {shown} = {product} devices, but {num_devices} devices are given; "
+                         "the product of the axis sizes must equal the device count (use -1 for one axis "
+                         "to take the rest)")
+    return tuple(sizes.values())
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+              ) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all of ``jax.devices()``).
+
+    One size may be ``-1`` for "the rest of the devices". Errors name the axis sizes and the device count
+    when the product does not match. The device order comes from :func:`jax.make_mesh` (topology aware
+    on TPU: ``tensor`` gets the closest chips).
+    """
+    devs = list(jax.devices() if devices is None else devices)
+    if not devs:
+        raise ValueError("make_mesh: no devices given")
+    shape = _resolve_sizes({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devs), "make_mesh")
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devs)
+
+
+def abstract_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1) -> AbstractMesh:
+    """A device-free ``(data, fsdp, tensor)`` mesh of any size, for planning and spec computation."""
+    for name, size in zip(MESH_AXES, (data, fsdp, tensor)):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"abstract_mesh: {name}={size!r} must be a positive integer (-1 needs a device "
+                             "count; use make_mesh for real devices)")
+    return AbstractMesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+_SHAPE_RE = re.compile(r"^\s*(-?\d+)\s*[xX×,]\s*(-?\d+)\s*[xX×,]\s*(-?\d+)\s*$")
+
+
+def parse_mesh_shape(text: str) -> tuple[int, int, int]:
+    """``"2x2x2"`` (data × fsdp × tensor; ``,`` or ``×`` also accepted, ``-1`` allowed) → ``(2, 2, 2)``."""
+    m = _SHAPE_RE.match(text)
+    if not m:
+        raise ValueError(f"mesh shape {text!r}: expected DATAxFSDPxTENSOR, e.g. 1x1x8 or 2x4x1")
+    sizes = tuple(int(g) for g in m.groups())
+    for name, size in zip(MESH_AXES, sizes):
+        if size < 1 and size != -1:
+            raise ValueError(f"mesh shape {text!r}: {name}={size} must be a positive integer or -1")
+    return sizes  # type: ignore[return-value]
+
+
+def axis_sizes(mesh: MeshLike) -> dict[str, int]:
+    """Axis name → size for a :class:`Mesh`, an :class:`AbstractMesh`, a mapping, or a ``(d, f, t)`` tuple."""
+    if isinstance(mesh, (Mesh, AbstractMesh)):
+        return dict(mesh.shape)
+    if isinstance(mesh, Mapping):
+        return {str(k): int(v) for k, v in mesh.items()}
+    sizes = tuple(mesh)
+    if len(sizes) != len(MESH_AXES) or any(not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(f"mesh shape {sizes!r}: expected ({', '.join(MESH_AXES)}) positive sizes")
+    return dict(zip(MESH_AXES, sizes))
+
+
+def mesh_shape(mesh: MeshLike) -> tuple[int, int, int]:
+    """``(data, fsdp, tensor)`` sizes of a mesh (an axis it lacks counts as 1)."""
+    sizes = axis_sizes(mesh)
+    return tuple(sizes.get(name, 1) for name in MESH_AXES)  # type: ignore[return-value]

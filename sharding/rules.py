@@ -1,0 +1,212 @@
+"""Logical axis names → mesh axes: the rules table and its resolver (MaxText style, with divisibility).
+
+Every parameter declares logical axes where it is created (``nnx.Param(..., out_sharding=axes)`` in
+:mod:`minicpmv_jax.layers`); activations and the KV cache use the names below. :data:`RULES` is an
+ORDERED table of ``(logical name, candidate mesh axes)``. :func:`logical_to_spec` walks it top to bottom;
+for every dimension carrying the rule's logical name it adds each candidate mesh axis that
+
+  1. exists in the mesh with size > 1,
+  2. is not yet used by another dimension of the same array, and
+  3. divides the dimension together with the mesh axes already given to it.
+
+Otherwise the candidate is skipped, and later rules may give that mesh axis to another dimension: this
+is how the fallbacks below work (e.g. ``heads`` before ``head_dim``, ``vocab`` before ``embed``). Table
+order is priority across dimensions, not dimension order. A logical name with no rule at all is an
+error (typos must not silently replicate a 7B model); ``None`` in an axes tuple means "replicated".
+
+Why divisibility: in jax 0.10.2 an array that lives across calls must be evenly divisible by its
+sharding. Checked on 8 CPU devices with a ``[10, 3]`` array and ``P('t', None)``: ``jax.device_put``,
+``jax.jit(in_shardings=...)`` and ``jax.jit(out_shardings=...)`` all raise ``IndivisibleError``
+("... should evenly divide the shape"); ``ShapeDtypeStruct(sharding=...)`` is accepted but a later
+restore into it would fail the same way. Only ``jax.lax.with_sharding_constraint`` inside jit accepts
+an uneven split (XLA pads the dimension, 10 → 16). So parameters and the KV cache must divide evenly,
+and activation constraints follow the same rule to avoid padded layouts.
+
+Shapes that decide the fallbacks (MiniCPM-V 2.6): Qwen2-7B has N = 28 query heads, K = 4 KV heads,
+H = 128, D = 3584, F = 18944, V = 151666 = 2 × 75833; SigLIP D = 1152, 16 heads of 72, F = 4304, 4900
+positions; the resampler has 28 heads of 128. So ``tensor`` ∈ {2, 4} is plain Megatron tensor
+parallelism, and ``tensor = 8`` divides neither the query heads, nor the KV heads, nor the vocabulary.
+
+Choices and their cost in decode (one token, per layer, batch B, cache length S, tensor t = 8):
+
+* Attention weights: ``heads`` → tensor when N % t == 0, else ``head_dim`` → tensor (H = 128 divides
+  every t up to 128). With t = 8 the q/k/v/o kernels, their biases and the cache are split along H.
+  Cost: the q·k contraction runs over the split H, so each layer all-reduces the attention logits
+  ``[B, N, S]`` in float32 (112·B·S bytes; 0.46 MB for B = 1, S = 4096), and rotate_half swaps halves
+  of q/k between devices (a collective-permute of B·(N+K)·H values). The o-projection and MLP
+  all-reduces of ``[B, D]`` are the usual Megatron ones. (Checked in the compiled HLO of the tiny model
+  on (1, 1, 8), whose 4 heads do not divide 8 either: per layer one all-reduce of the f32
+  ``[B, K, G, T, S]`` logits, collective-permutes from rotate_half, ``[B, T, D]`` all-reduces.)
+  Rejected: *replicating the KV heads* — with N = 28 the query heads cannot be split 8 ways either, and
+  a replicated cache costs t× the memory (B = 8, S = 32768: 14 GiB per chip instead of 1.75 GiB) and t×
+  the HBM traffic per step (2048·B·S bytes per layer instead of 256·B·S), roughly the time the logits
+  all-reduce costs, for 8× the memory. *Sequence-sharding the cache* (``cache_length`` → tensor) would
+  cut the collectives to ``[B, N]`` softmax statistics, but needs constraints inside the attention (the
+  cache write at a dynamic slot of a split axis and the prefill layout change); the rule can be switched
+  once the attention code carries them. Recommended for this model: tensor ≤ 4, then fsdp/data.
+* KV heads: ``kv_heads`` / ``cache_kv_heads`` → tensor when K % t == 0, else split ``head_dim`` like the
+  k/v kernels, so a projection's output already has the cache's layout (no resharding at the write).
+  When t divides N but not K (t = 7, 14 for the 8B model; the tiny test model at t = 4), q is split
+  by heads and k/v by head_dim: correct, but XLA reshards inside the attention (it logs "Involuntary
+  full rematerialization"). Use a tensor size that divides K, or t = 8 where both fall back alike.
+* Vocabulary: ``vocab`` → tensor when V % t == 0 (t ∈ {1, 2}), else the embedding and ``lm_head`` split
+  ``embed`` by tensor. Decode then all-reduces the ``[B, V]`` logits once per token (not per layer),
+  at most twice the all-gather a vocab split would need before sampling anyway. The embedding lookup
+  yields a D-split ``[B, T, D]``; without activation constraints XLA then keeps the residual stream
+  D-split (all-reduces of the RMSNorm statistics, all-gathers before the projections: seen in the HLO);
+  ``constrain(x, ("batch", "length", "act_embed"))`` after the lookup pins the Megatron layout.
+* ``embed`` / ``vision_embed`` → fsdp (then tensor, only when no other dimension took it): every matrix
+  of the three towers has a model-width axis, so fsdp splits all of them. Vectors without a width axis
+  (``norm``, q/k/v biases ``[N, H]``, the SigLIP fc1 bias) stay replicated over fsdp (< 0.01 % of the
+  parameters).
+* ``batch`` / ``cache_batch`` → data, then fsdp (each only when it divides B; B = 1 decode replicates).
+  ``length`` / ``cache_length`` and ``act_embed`` are replicated (no sequence parallelism yet).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+from jax.sharding import PartitionSpec
+
+from .mesh import MeshLike, axis_sizes
+
+__all__ = ["Rules", "LOGICAL_AXES", "ACTIVATION_AXES", "CACHE_AXES", "RULES", "check_rules",
+           "logical_to_spec", "shards_per_dim", "num_shards", "spec_shard_shape"]
+
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
+
+#: Logical axis names carried by the parameters of the three towers (see ``minicpmv_jax/layers.py``).
+LOGICAL_AXES = (
+    # language model
+    "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm",
+    # vision encoder
+    "vision_patch", "vision_pos", "vision_embed", "vision_heads", "vision_head_dim", "vision_mlp",
+    # resampler (it also uses "embed", "head_dim" and "vision_embed")
+    "resampler_queries", "resampler_heads", "resampler_proj",
+)
+
+#: Logical names for activations (``constrain``): batch, sequence, and the model axes they carry.
+ACTIVATION_AXES = ("batch", "length", "act_embed", "act_heads", "act_kv_heads", "act_head_dim", "act_mlp",
+                   "act_vocab")
+
+#: Logical names of a KV cache buffer ``[B, S, K, H]``, in that order.
+CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+
+#: The default table: ordered (logical name, candidate mesh axes). Earlier rows win a mesh axis.
+RULES: Rules = (
+    # activations and inputs
+    ("batch", ("data", "fsdp")),
+    ("length", ()),
+    ("act_embed", ()),
+    ("act_heads", ("tensor",)),
+    ("act_kv_heads", ("tensor",)),
+    ("act_head_dim", ("tensor",)),      # fallback: heads did not divide
+    ("act_mlp", ("tensor",)),
+    ("act_vocab", ("tensor",)),
+    # KV cache [B, S, K, H]
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", ()),
+    ("cache_kv_heads", ("tensor",)),
+    ("cache_head_dim", ("tensor",)),    # fallback: K = 4 KV heads do not divide tensor = 8
+    # parameters: the tensor-parallel axes first ...
+    ("vocab", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("resampler_heads", ("tensor",)),
+    ("vision_heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("vision_mlp", ("tensor",)),
+    ("resampler_proj", ("tensor",)),
+    # ... then the fallbacks for heads that do not divide ...
+    ("head_dim", ("tensor",)),
+    ("vision_head_dim", ("tensor",)),
+    # ... then the model width: fsdp always, tensor only if no other dimension took it (vocab fallback)
+    ("embed", ("fsdp", "tensor")),
+    ("vision_embed", ("fsdp", "tensor")),
+    # replicated
+    ("norm", ()),
+    ("vision_patch", ()),
+    ("vision_pos", ()),
+    ("resampler_queries", ()),
+)
+
+
+def check_rules(rules: Rules) -> Rules:
+    """Normalises a rules table (a bare string → 1-tuple) and checks its shape; returns it as a tuple."""
+    out = []
+    for i, row in enumerate(rules):
+        if not (isinstance(row, (tuple, list)) and len(row) == 2 and isinstance(row[0], str)):
+            raise ValueError(f"rules[{i}] = {row!r}: expected (logical name, mesh axes)")
+        name, axes = row
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if not all(isinstance(a, str) for a in axes):
+            raise ValueError(f"rules[{i}] = {row!r}: mesh axes must be names")
+        out.append((name, axes))
+    return tuple(out)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: MeshLike,
+                    rules: Rules = RULES) -> PartitionSpec:
+    """The ``PartitionSpec`` of an array with logical ``axes`` and ``shape`` on ``mesh`` (see module doc).
+
+    ``mesh`` is a :class:`jax.sharding.Mesh`, an ``AbstractMesh``, ``{axis: size}`` or ``(d, f, t)``. The
+    spec has one entry per dimension: ``None``, a mesh axis name, or a tuple of names (outer first).
+    Every split divides its dimension evenly. Raises ``ValueError`` for a length mismatch or a logical
+    name that no rule mentions.
+    """
+    axes, shape = tuple(axes), tuple(int(s) for s in shape)
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {shape}")
+    rules = check_rules(rules)
+    known = {name for name, _ in rules}
+    unknown = [a for a in axes if a is not None and a not in known]
+    if unknown:
+        raise ValueError(f"logical axis {unknown[0]!r} (of {axes}) has no rule; add ({unknown[0]!r}, ()) to the "
+                         "rules to replicate it, or name mesh axes to split it")
+    sizes = axis_sizes(mesh)
+    assigned: list[list[str]] = [[] for _ in shape]
+    used: set[str] = set()
+    for name, candidates in rules:
+        dims = [i for i, a in enumerate(axes) if a == name]
+        if not dims:
+            continue
+        for mesh_axis in candidates:
+            size = sizes.get(mesh_axis, 1)
+            if size == 1 or mesh_axis in used:
+                continue
+            for i in dims:
+                if shape[i] % (math.prod(sizes[a] for a in assigned[i]) * size) == 0:
+                    assigned[i].append(mesh_axis)
+                    used.add(mesh_axis)
+                    break
+    return PartitionSpec(*(None if not a else a[0] if len(a) == 1 else tuple(a) for a in assigned))
+
+
+def _entry_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def shards_per_dim(spec: PartitionSpec, ndim: int, mesh: MeshLike) -> tuple[int, ...]:
+    """How many pieces each of ``ndim`` dimensions is cut into by ``spec`` on ``mesh``."""
+    sizes = axis_sizes(mesh)
+    entries = tuple(spec) + (None,) * (ndim - len(spec))
+    return tuple(math.prod(sizes.get(a, 1) for a in _entry_axes(e)) for e in entries)
+
+
+def num_shards(spec: PartitionSpec, ndim: int, mesh: MeshLike) -> int:
+    """Number of distinct pieces an array is cut into (its replication factor is devices / this)."""
+    return math.prod(shards_per_dim(spec, ndim, mesh))
+
+
+def spec_shard_shape(shape: Iterable[int], spec: PartitionSpec, mesh: MeshLike) -> tuple[int, ...]:
+    """The shape of one device's piece; every device holds one piece of the same shape (even splits)."""
+    shape = tuple(shape)
+    per = shards_per_dim(spec, len(shape), mesh)
+    for d, (s, p) in enumerate(zip(shape, per)):
+        if s % p:
+            raise ValueError(f"{spec} splits dimension {d} of {shape} into {p} pieces, which does not divide")
+    return tuple(s // p for s, p in zip(shape, per))
