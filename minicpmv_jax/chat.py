@@ -35,6 +35,7 @@ from minicpmv_jax import generate as gen
 from minicpmv_jax import sampling
 from minicpmv_jax.generation_config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from minicpmv_jax.image_inputs import feature_slots, pack_for_encoder, pieces_bucket
+from minicpmv_jax.host import fetch
 from minicpmv_jax.processor import IMAGE_TAG
 
 __all__ = ["conversation_prompt", "chat", "PreparedBatch", "prepare_batch", "answer_ids",
@@ -186,11 +187,19 @@ def prepare_batch(model, batch: Mapping[str, Any]) -> PreparedBatch:
         index, used = feature_slots(bounds, [len(p) for p in pixel_values], (bb, bt), [bt - t] * b,
                                     model.config.resampler.num_queries)
         per_piece = encode_pieces(model, [pixel_values[r][j] for r, j in used])
-        pad = pieces_bucket(len(per_piece)) - len(per_piece)
-        features = jnp.stack(per_piece + [jnp.zeros_like(per_piece[0])] * pad)
-        feature_index = jnp.asarray(index)
-    return PreparedBatch(jnp.asarray(ids_p), jnp.asarray(mask_p), jnp.asarray(row_valid), features,
-                         feature_index, b)
+        features = _stack(per_piece, pieces_bucket(len(per_piece)), model.mesh)
+        feature_index = model.put(index)
+    return PreparedBatch(model.put(ids_p), model.put(mask_p), model.put(row_valid), features, feature_index, b)
+
+
+def _stack(per_piece: list[jax.Array], size: int, mesh) -> jax.Array:
+    """Per-piece features ``[Q, D]`` → ``[size, Q, D]`` (zero rows after them), replicated on ``mesh``."""
+    pad = size - len(per_piece)
+    stack = lambda xs: jnp.stack(list(xs) + [jnp.zeros_like(xs[0])] * pad)  # noqa: E731
+    if mesh is None:
+        return stack(per_piece)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(stack, out_shardings=replicated)(per_piece)
 
 
 def answer_ids(tokens: np.ndarray, length: int, stop_ids: Sequence[int]) -> list[int]:
@@ -253,7 +262,7 @@ def chat(model, image: Any, msgs: Sequence[Any], processor, sampling: bool = Tru
                        prepared.row_valid, strategy=config.strategy, sampling_params=params, stop_ids=stop_ids,
                        max_new_tokens=config.max_new_tokens, num_new=num_new, num_beams=config.num_beams,
                        length_penalty=config.length_penalty, seed=config.seed)
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    tokens, lengths = fetch(out.tokens), fetch(out.lengths)
     answers = [processor.tokenizer.decode(answer_ids(tokens[b], int(lengths[b]), stop_ids)).strip()
                for b in range(prepared.batch_size)]
     return answers if batched else answers[0]
@@ -270,8 +279,8 @@ def _stream(model, prepared: PreparedBatch, config: GenerationConfig, params, st
         step = int(state.step)
         state = gen.decode_step(model, state, sampling_params=params, stop_ids=stop_ids,
                                 max_new_tokens=config.max_new_tokens, do_sample=config.do_sample)
-        token = int(state.tokens[0, step])
-        finished = bool(state.done[0])
+        token = int(fetch(state.tokens[:, step])[0])
+        finished = bool(fetch(state.done)[0])
         if not (finished and token in stop_ids):
             piece = strip.feed(decoder.step(token))
             if piece:

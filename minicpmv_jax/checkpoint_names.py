@@ -263,7 +263,10 @@ def load_entries(module: nnx.Module, read: Callable[[str], np.ndarray], entries:
                              f"the model expects {list(var.shape)}")
         arr = value.astype(var.dtype)
         sharding = shardings.get(path) if shardings else None
-        var.set_value(jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr))
+        if sharding is None:
+            var.set_value(jnp.asarray(arr))
+        else:  # each device (of this process) takes its slice; works for multi-process meshes too
+            var.set_value(jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index]))
         todo.discard(path)
     if todo:
         first = sorted(todo, key=str)[0]

@@ -17,11 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import sharding
+
 from . import chat as _chat_lib
 from . import checkpoint_names as names
 from . import orbax_checkpoint
 from .config import MiniCPMVConfig
 from .hf_checkpoint import CheckpointError, HFCheckpoint  # noqa: F401 (CheckpointError re-exported)
+from .host import fetch, put
 from .image_inputs import ImageInputs, build_image_inputs, place_features
 from .qwen2 import Qwen2
 from .resampler import Resampler
@@ -61,6 +64,7 @@ class MiniCPMV(nnx.Module):
         self.llm = Qwen2(config.llm, **common)
         self.vpm = VisionEncoder(config, **common)
         self.resampler = Resampler(config.resampler, **common)
+        self.mesh = None  # set by from_pretrained(mesh=...) / shard(): where the parameters live
 
     # ------------------------------------------------------------------ loading
 
@@ -73,20 +77,39 @@ class MiniCPMV(nnx.Module):
         ``dtype`` is the computation dtype and, unless ``param_dtype`` says otherwise, the storage dtype
         of the parameters (cast from whatever the files hold). Raises ``CheckpointError`` naming the
         tensor and file for a missing, unexpected or misshapen tensor, ``ConfigError`` for a bad config.
+
+        ``mesh`` (a ``jax.sharding.Mesh`` with axes ``data``/``fsdp``/``tensor``, see
+        ``sharding.make_mesh``) places every parameter on it as the rules of :mod:`sharding` say, loading
+        each straight into its shards (from an Orbax folder each device reads only its own shards, on
+        every process of a multi-host mesh). ``compute_logits`` and ``chat`` then run sharded.
         """
-        if mesh is not None:
-            raise NotImplementedError("mesh= (sharded loading) is not available yet; pass mesh=None")
         folder = os.fspath(path)
         if not os.path.isdir(folder):
             raise CheckpointError(f"{folder}: not a directory")
         config = MiniCPMVConfig.from_pretrained(folder)
-        abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=_rngs()))
+        shardings = None if mesh is None else sharding.flat_param_shardings(abstract, mesh)
         if orbax_checkpoint.is_converted(folder):            # written by `minicpmv-jax convert`
-            return orbax_checkpoint.restore_params(folder, abstract)
-        ckpt = HFCheckpoint.open(folder)
-        ckpt.validate(names.expected_tensors(config), extra_ok=_extra_vision_layers(config))
-        return names.load_entries(abstract, ckpt.read, names.entries(config, LOADED_TOWERS),
-                                  where=ckpt.where)
+            model = orbax_checkpoint.restore_params(folder, abstract, shardings=shardings)
+        else:
+            ckpt = HFCheckpoint.open(folder)
+            ckpt.validate(names.expected_tensors(config), extra_ok=_extra_vision_layers(config))
+            model = names.load_entries(abstract, ckpt.read, names.entries(config, LOADED_TOWERS),
+                                       where=ckpt.where, shardings=shardings)
+        model.mesh = mesh
+        return model
+
+    def shard(self, mesh) -> "MiniCPMV":
+        """Moves the parameters onto ``mesh`` per the sharding rules (in place) and returns the model."""
+        sharding.shard_model(self, mesh)
+        self.mesh = mesh
+        return self
+
+    # ------------------------------------------------------------------ placement of inputs and outputs
+
+    def put(self, x: Any, batch_axis: bool = True) -> jax.Array:
+        """A host array on this model's devices (see :func:`minicpmv_jax.host.put`)."""
+        return put(x, self.mesh, batch_axis)
 
     # ------------------------------------------------------------------ forward
 
@@ -114,10 +137,14 @@ class MiniCPMV(nnx.Module):
         images = self._image_inputs(batch, (bb, bl), [bl - length] * b)
         graphdef, state = nnx.split(self)
         if images is None:
-            logits = _text_logits(graphdef, state, jnp.asarray(ids_p), jnp.asarray(mask_p))
+            logits = _text_logits(graphdef, state, self.put(ids_p), self.put(mask_p))
         else:
-            logits = _multimodal_logits(graphdef, state, jnp.asarray(ids_p), jnp.asarray(mask_p),
-                                        *_vision_args(images))
+            vision = [self.put(a, batch_axis=False) for a in (images.patches, images.pos_ids, images.valid,
+                                                              images.tgt_sizes)]
+            logits = _multimodal_logits(graphdef, state, self.put(ids_p), self.put(mask_p), *vision,
+                                        self.put(images.feature_index))
+        if not logits.is_fully_addressable:  # multi-host: every process gets the whole result
+            return fetch(logits)[:b, bl - length:]
         return logits[:b, bl - length:]
 
     def _image_inputs(self, batch: Mapping[str, Any], shape: tuple[int, int],
@@ -142,7 +169,8 @@ class MiniCPMV(nnx.Module):
     def encode_pieces_packed(self, patches, pos_ids, valid, tgt_sizes) -> jax.Array:
         """:meth:`encode_images` compiled (once per piece-count and patch-count bucket)."""
         graphdef, state = nnx.split(self)
-        return _encode(graphdef, state, *(jnp.asarray(a) for a in (patches, pos_ids, valid, tgt_sizes)))
+        return _encode(graphdef, state, *(self.put(a, batch_axis=False) for a in (patches, pos_ids, valid,
+                                                                                  tgt_sizes)))
 
     # ------------------------------------------------------------------ chat
 
@@ -176,11 +204,6 @@ class MiniCPMV(nnx.Module):
                     use_image_id=use_image_id, max_inp_length=max_inp_length, **generation_kwargs)
 
 
-def _vision_args(images: ImageInputs) -> tuple[jax.Array, ...]:
-    return tuple(jnp.asarray(a) for a in (images.patches, images.pos_ids, images.valid, images.tgt_sizes,
-                                          images.feature_index))
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _encode(graphdef, state, patches, pos_ids, valid, tgt_sizes):
     return nnx.merge(graphdef, state).encode_images(patches, pos_ids, valid, tgt_sizes)
@@ -198,6 +221,14 @@ def _multimodal_logits(graphdef, state, ids, mask, patches, pos_ids, valid, tgt_
     features = model.encode_images(patches, pos_ids, valid, tgt_sizes)
     x = place_features(model.llm.embed(ids), features, feature_index)
     return model.llm.forward_embeddings(x, mask)
+
+
+def _rngs() -> nnx.Rngs:
+    """RNG streams for building an abstract model: array refs, so that ``nnx.eval_shape`` of the 8B model
+    takes ~1.4 s instead of ~9 s (plain Variables make flax compare the counter's sharding on every draw,
+    which scans the whole trace; see ``sharding.plan.abstract_params``)."""
+    with nnx.var_defaults(ref=True):
+        return nnx.Rngs(0)
 
 
 def _extra_vision_layers(config: MiniCPMVConfig):
