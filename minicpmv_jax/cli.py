@@ -6,6 +6,7 @@ Subcommands available in this build:
     minicpmv-jax convert SRC DST       convert an HF safetensors checkpoint to a folder with Orbax parameters
     minicpmv-jax chat --model M PROMPT answer a prompt about images (--image) or a video (--video)
     minicpmv-jax generate --model M --input requests.jsonl --output answers.jsonl   batched answers
+    minicpmv-jax plan --mesh DxFxT [--model M] [--batch B --max-len L]   per-device memory on a mesh
 
 ``--model`` takes a checkpoint folder, a Hugging Face Hub id (downloaded and converted once), or ``demo``
 (a tiny random-weight model for trying the pipeline offline; its answers are noise).
@@ -73,6 +74,14 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from sharding import format_plan, plan_memory
+
+    result = plan_memory(args.model, args.mesh, batch=args.batch, max_len=args.max_len, dtype=args.dtype)
+    print(format_plan(result, args.device_memory))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minicpmv-jax", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"minicpmv-jax {__version__}")
@@ -91,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=_convert)
     add_chat_parser(sub)
     add_generate_parser(sub)
+    plan = sub.add_parser("plan", help="per-device memory of parameters and KV cache on a mesh (no weights read)")
+    plan.add_argument("--model", default="minicpmv-2_6", help="checkpoint folder, its config.json, or a preset "
+                      "(minicpmv-2_6, tiny); default minicpmv-2_6")
+    plan.add_argument("--mesh", required=True, metavar="DxFxT", help="data × fsdp × tensor sizes, e.g. 1x4x2")
+    plan.add_argument("--batch", type=int, default=1)
+    plan.add_argument("--max-len", type=int, default=4096, help="KV cache slots per sequence (prompt + answer)")
+    plan.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    plan.add_argument("--device-memory", type=float, metavar="GIB",
+                      help="memory per device (e.g. 16 for TPU v5e, 80 for H100) to report the headroom")
+    plan.set_defaults(func=_plan)
     return parser
 
 
