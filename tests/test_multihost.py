@@ -1,0 +1,73 @@
+"""Multi-host: 2 processes × 4 CPU devices on 127.0.0.1 (jax.distributed, gloo collectives) restore a
+converted checkpoint onto one 8-device mesh and give the same logits and greedy answer as one process."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from convert_weights import convert
+from minicpmv_jax.processor import IMAGE_TAG
+from reference import rel_err
+from test_model_parity import noise_image
+
+WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mesh", ["1x8x1", "2x2x2"])
+def test_two_processes_match_one(tmp_path, tiny_checkpoint, tiny_model, tiny_processor, mesh):
+    folder = tmp_path / "converted"
+    convert(tiny_checkpoint[0], folder, progress=False)
+    tok = tiny_processor.tokenizer
+    texts = [tok.apply_chat_template([{"role": "user", "content": IMAGE_TAG + "\nWhat is this?"}]),
+             tok.apply_chat_template([{"role": "user", "content": "And a text-only question."}])]
+    batch = tiny_processor(texts, [[noise_image(0, 300, 200)], []])
+    msgs = [{"role": "user", "content": [noise_image(1, 200, 200), "Describe it."]}]
+    inputs = tmp_path / "inputs.pkl"
+    inputs.write_bytes(pickle.dumps({"batch": batch, "msgs": msgs}))
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    procs = [subprocess.Popen([sys.executable, WORKER, str(port), str(i), "2", str(folder), str(inputs),
+                               str(tmp_path / f"out{i}.npz"), mesh], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a worker process timed out")
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+
+    want_logits = np.asarray(tiny_model.compute_logits(batch))
+    want_answer = tiny_model.chat(msgs=msgs, processor=tiny_processor, sampling=False, num_beams=1,
+                                  max_new_tokens=6)
+    full_embed = tiny_model.llm.embed_tokens.embedding.get_value().nbytes
+    mask = batch["attention_mask"]
+    for i in range(2):
+        out = np.load(tmp_path / f"out{i}.npz")
+        assert int(out["process_count"]) == 2 and int(out["device_count"]) == 8
+        assert rel_err(out["logits"][mask], want_logits[mask]) <= 1e-5
+        assert str(out["answer"]) == want_answer
+        # Each device holds only its shard of the embedding (split over fsdp × tensor); with no data axis
+        # the two processes hold disjoint halves of it.
+        _, fsdp, tensor = (int(x) for x in mesh.split("x"))
+        assert int(out["device_embed_bytes"]) == full_embed // (fsdp * tensor)
+        if mesh == "1x8x1":
+            assert int(out["local_embed_bytes"]) == full_embed // 2
