@@ -28,9 +28,17 @@ __all__ = ["ImageInputs", "build_image_inputs", "feature_slots", "pack_for_encod
            "pieces_bucket"]
 
 
+#: Piece-batch sizes: powers of two, plus 10 — one image at the default max_slice_nums=9 (overview and a
+#: 3×3 grid) would otherwise be padded to 16, 60 % wasted encoder work. Beyond 16, multiples of 16.
+PIECE_BUCKETS = (1, 2, 4, 8, 10, 16)
+
+
 def pieces_bucket(n: int) -> int:
-    """Piece-batch size a batch of ``n`` pieces is padded to: the next power of two (at least 1)."""
-    return 1 << (max(n, 1) - 1).bit_length()
+    """Piece-batch size a batch of ``n`` pieces is padded to (see :data:`PIECE_BUCKETS`)."""
+    for b in PIECE_BUCKETS:
+        if n <= b:
+            return b
+    return -(-n // 16) * 16
 
 
 @dataclasses.dataclass(frozen=True)
