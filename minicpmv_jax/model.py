@@ -83,6 +83,9 @@ class MiniCPMV(nnx.Module):
         each straight into its shards (from an Orbax folder each device reads only its own shards, on
         every process of a multi-host mesh). ``compute_logits`` and ``chat`` then run sharded.
         """
+        if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. sharding.make_mesh(fsdp=-1)) or None, got "
+                            f"{type(mesh).__name__}")
         folder = os.fspath(path)
         if not os.path.isdir(folder):
             raise CheckpointError(f"{folder}: not a directory")
