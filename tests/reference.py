@@ -37,3 +37,14 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     """max |a − b| / max |b|: the project's relative error for logits and activations."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def tiny_hf_qwen2(vocab_size: int, hidden_size: int, num_layers: int = 2, seed: int = 7):
+    """A small random transformers Qwen2 (realistic spread, tiny() shapes) for decoding-maths tests."""
+    from minicpmv_jax.config import tiny
+    from minicpmv_jax.testing.checkpoint import checkpoint_shapes, random_tensor
+
+    cfg = tiny(vocab_size=vocab_size, num_layers=num_layers, hidden_size=hidden_size)
+    rng = np.random.default_rng(seed)
+    tensors = {n: random_tensor(n, s, rng) for n, s in checkpoint_shapes(cfg).items() if n.startswith("llm.")}
+    return hf_qwen2(cfg, tensors)

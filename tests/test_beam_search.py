@@ -25,10 +25,8 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from minicpmv_jax import beam_search as bs
-from minicpmv_jax import config as C
 from minicpmv_jax import sampling as sp
-from minicpmv_jax.testing.checkpoint import checkpoint_shapes, random_tensor
-from reference import hf_qwen2
+from reference import tiny_hf_qwen2
 
 # HF warns that with inputs_embeds the penalty only sees generated tokens: exactly the semantics we test.
 pytestmark = pytest.mark.filterwarnings("ignore:Passing `repetition_penalty` with `inputs_embeds`")
@@ -43,10 +41,7 @@ _done = jax.jit(bs.done)
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = C.tiny(vocab_size=VOCAB, num_layers=2, hidden_size=HIDDEN)
-    rng = np.random.default_rng(7)
-    tensors = {n: random_tensor(n, s, rng) for n, s in checkpoint_shapes(cfg).items() if n.startswith("llm.")}
-    return hf_qwen2(cfg, tensors)
+    return tiny_hf_qwen2(VOCAB, HIDDEN)
 
 
 class BigramLM(Qwen2ForCausalLM):
