@@ -21,7 +21,7 @@ from flax import nnx
 
 from minicpmv_jax.config import ResamplerConfig
 from minicpmv_jax.layers import Einsum, LayerNorm, fan_in_normal, normal, param
-from minicpmv_jax.vision import masked_attention
+from minicpmv_jax.vision import masked_attention, per_piece_on_cpu
 
 __all__ = [
     "sincos_2d",
@@ -93,12 +93,18 @@ class Resampler(nnx.Module):
         self.proj = param(rngs, fan_in_normal((0,)), (d, d), ("embed", "resampler_proj"), param_dtype)
 
     def __call__(self, x: jax.Array, tgt_sizes: jax.Array) -> jax.Array:
-        """``x [B, P, E]`` encoder outputs, ``tgt_sizes [B, 2]`` int grid (rows, cols) → ``[B, Q, D]``."""
+        """``x [B, P, E]`` encoder outputs, ``tgt_sizes [B, 2]`` int grid (rows, cols) → ``[B, Q, D]``.
+
+        The queries are projected once; pieces then run one at a time on CPU (:func:`per_piece_on_cpu`).
+        """
+        q = self.q(self.ln_q(self.query[...].astype(self.dtype)))               # [Q, N, H]
+        return per_piece_on_cpu(lambda x, t: self._pieces(q, x, t), x, tgt_sizes)
+
+    def _pieces(self, q: jax.Array, x: jax.Array, tgt_sizes: jax.Array) -> jax.Array:
         batch, num_patches, _ = x.shape
         rows, cols, valid = grid_coords(tgt_sizes, num_patches)
         kv = self.ln_kv(self.kv_proj(x))                                        # [B, P, D]
         pos = sincos_2d(rows, cols, self.config.embed_dim).astype(kv.dtype)     # [B, P, D]
-        q = self.q(self.ln_q(self.query[...].astype(self.dtype)))               # [Q, N, H]
         q = jnp.broadcast_to(q[None], (batch, *q.shape))                        # [B, Q, N, H]
         out = masked_attention(q, self.k(kv + pos), self.v(kv), valid, self.scale)
         out = self.ln_post(self.o(out))                                         # [B, Q, D]

@@ -12,6 +12,7 @@ Checkpoint names and transforms: :mod:`minicpmv_jax.checkpoint_names` (tower ``v
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from minicpmv_jax.layers import Einsum, LayerNorm, normal, param
 
 __all__ = [
     "masked_attention",
+    "per_piece_on_cpu",
     "gelu_tanh",
     "VisionAttention",
     "VisionMlp",
@@ -43,12 +45,58 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
 
     ``q [B, T, N, H]``, ``k, v [B, S, N, H]``, ``key_valid [B, S]`` bool (None: all keys valid)
     → ``[B, T, N, H]`` in v's dtype.
+
+    The maths is :func:`_attend` for every (piece, head). How it is scheduled depends on the platform
+    (chosen at lowering): on CPU one (piece, head) at a time, so the ``[T, S]`` logits of one head (4 MB
+    for a 1024-patch piece) stay in cache through the softmax and the second product; materialising all
+    of them (``[B, N, T, S]``, 671 MB for 10 pieces) made attention 2–3× slower there
+    (``benchmarks/vision_cpu.py``). Elsewhere all heads of all pieces in one batched product.
     """
-    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
+    return jax.lax.platform_dependent(q, k, v, key_valid, cpu=functools.partial(_attention_per_head, scale=scale),
+                                      default=functools.partial(_attention_batched, scale=scale))
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None, scale: float) -> jax.Array:
+    """One head of one piece: ``q [T, H]``, ``k, v [S, H]``, ``key_valid [S]`` or None → ``[T, H]``."""
+    logits = jnp.einsum("TH,SH->TS", q, k, preferred_element_type=jnp.float32) * scale
     if key_valid is not None:
-        logits = jnp.where(key_valid[:, None, None, :], logits, _MASKED_LOGIT)
+        logits = jnp.where(key_valid[None, :], logits, _MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+    return jnp.einsum("TS,SH->TH", probs, v)
+
+
+def _attention_batched(q, k, v, key_valid, scale):
+    """All (piece, head) pairs in one batched product: ``_attend`` vmapped over N, then B."""
+    per_head = jax.vmap(_attend, in_axes=(1, 1, 1, None, None), out_axes=1)              # over N
+    return jax.vmap(per_head, in_axes=(0, 0, 0, None if key_valid is None else 0, None))(
+        q, k, v, key_valid, scale)                                                        # over B
+
+
+def _attention_per_head(q, k, v, key_valid, scale):
+    """One (piece, head) pair per step of a loop over the B·N pairs."""
+    b, t, n, _ = q.shape
+
+    def heads(x):  # [B, L, N, H] → [B·N, L, H]
+        return jnp.swapaxes(x, 1, 2).reshape(b * n, x.shape[1], x.shape[3])
+
+    valid = None if key_valid is None else jnp.repeat(key_valid, n, axis=0)              # [B·N, S]
+    out = jax.lax.map(lambda a: _attend(*a, scale), (heads(q), heads(k), heads(v), valid))
+    return jnp.swapaxes(out.reshape(b, n, t, out.shape[-1]), 1, 2)
+
+
+def per_piece_on_cpu(fn, *args):
+    """``fn(*args)`` for a batch of pieces: every leaf of ``args`` and of the result has the piece axis first.
+
+    On CPU the pieces go through ``fn`` one per loop step (``fn`` sees a batch of one), so each piece's
+    activations (5–18 MB for a 1024-patch piece at the SigLIP-so400m width, against 47–176 MB for a batch
+    of 10) stay in cache between the products; this measured ≈ 20 % less CPU time per piece than the
+    batched call (``benchmarks/vision_cpu.py``). Elsewhere one batched call. Chosen at lowering.
+    """
+    def loop(*xs):
+        one = lambda a: jax.tree.map(lambda y: y[0], fn(*jax.tree.map(lambda y: y[None], a)))  # noqa: E731
+        return jax.lax.map(one, xs)
+
+    return jax.lax.platform_dependent(*args, cpu=loop, default=fn)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
@@ -146,11 +194,15 @@ class VisionEncoder(nnx.Module):
                                  rngs=rngs)
 
     def __call__(self, patches: jax.Array, pos_ids: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-        """``patches [B, P, C]``, ``pos_ids [B, P]`` int, ``valid [B, P]`` bool → ``[B, P, D]`` in ``dtype``."""
+        """``patches [B, P, C]``, ``pos_ids [B, P]`` int, ``valid [B, P]`` bool → ``[B, P, D]`` in ``dtype``.
+
+        Pieces are independent; on CPU they run one at a time (:func:`per_piece_on_cpu`).
+        """
+        return per_piece_on_cpu(self._encode, patches, pos_ids, valid)
+
+    def _encode(self, patches: jax.Array, pos_ids: jax.Array, valid: jax.Array | None) -> jax.Array:
         x = self.patch_embed(patches)
         x = x + jnp.take(self.pos_embed[...], pos_ids, axis=0).astype(self.dtype)
         for layer in self.layers:
             x = layer(x, valid)
         return self.post_ln(x)
-
-
