@@ -153,6 +153,9 @@ class Qwen2(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, **common) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = Einsum("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), **common)
+        # Rematerialise each decoder layer in the backward pass (training; only without a cache): the
+        # forward keeps one [B, T, D] residual per layer instead of every intermediate.
+        self.remat = False
 
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.embed_tokens(ids)
@@ -169,6 +172,9 @@ class Qwen2(nnx.Module):
         x = x.astype(self.dtype)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
+            if self.remat and cache is None:
+                x = _remat_layer(layer, x, positions, mask)
+                continue
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x, (k, v) = layer(x, positions, mask, kv, write_index)
             new_k.append(k)
@@ -192,3 +198,9 @@ class Qwen2(nnx.Module):
     def __call__(self, ids: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
         """Full forward without a cache: ids [B, T], left-padded mask [B, T] → float32 logits [B, T, V]."""
         return self.forward_embeddings(self.embed(ids), attention_mask_bt)
+
+
+@nnx.remat
+def _remat_layer(layer: DecoderLayer, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """One decoder layer without a cache, recomputed in the backward pass (``Qwen2.remat``)."""
+    return layer(x, positions, mask)[0]

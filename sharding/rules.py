@@ -85,6 +85,8 @@ LOGICAL_AXES = (
     "vision_patch", "vision_pos", "vision_embed", "vision_heads", "vision_head_dim", "vision_mlp",
     # resampler (it also uses "embed", "head_dim" and "vision_embed")
     "resampler_queries", "resampler_heads", "resampler_proj",
+    # LoRA adapters (fine-tuning): the rank axis of the A [in..., r] and B [r, out...] matrices
+    "lora_rank",
 )
 
 #: Logical names for activations (``constrain``): batch, sequence, and the model axes they carry.
@@ -130,6 +132,7 @@ RULES: Rules = (
     ("vision_patch", ()),
     ("vision_pos", ()),
     ("resampler_queries", ()),
+    ("lora_rank", ()),                  # LoRA A/B: split like their kernel's other axes, rank replicated
 )
 
 
