@@ -162,7 +162,7 @@ class MiniCPMVProcessor:
         config = PreprocessorConfig.from_file(cfg_path) if os.path.isfile(cfg_path) else PreprocessorConfig()
         return cls(tokenizer, config)
 
-    def _expand_images(
+    def expand_images(
         self, text: str, images: Sequence[Any], max_slice_nums: int, use_image_id: bool
     ) -> tuple[str, list[np.ndarray], np.ndarray, list[tuple[int, int]]]:
         """Replaces the k-th :data:`IMAGE_TAG` of ``text`` by the k-th image's placeholder (DESIGN §6).
@@ -254,7 +254,7 @@ class MiniCPMVProcessor:
             has_images = bool(text_images) or IMAGE_TAG in text
             if has_images:
                 try:
-                    text, pieces, sizes, originals = self._expand_images(
+                    text, pieces, sizes, originals = self.expand_images(
                         text, text_images, max_slice_nums, use_image_id)
                 except ValueError as e:  # ImageError included: say which text it belongs to
                     raise type(e)(f"texts[{i}]: {e}") from None

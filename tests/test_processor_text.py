@@ -87,7 +87,7 @@ def test_argument_errors(processor: MiniCPMVProcessor) -> None:
 class _FakeImageProcessor(MiniCPMVProcessor):
     """Fills the image seam with a hand-made placeholder: overview + a 2×1 slice grid, 3 <unk> each."""
 
-    def _expand_images(self, text, images, max_slice_nums, use_image_id):
+    def expand_images(self, text, images, max_slice_nums, use_image_id):
         unks = "<unk>" * 3
         placeholder = f"<image_id>0</image_id><image>{unks}</image><slice>{unks}</slice><slice>{unks}</slice>"
         pieces = [np.zeros((3, 14, 14), np.float32)] * 3
