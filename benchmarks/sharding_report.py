@@ -10,7 +10,8 @@ weight:
   ``sharding.plan.abstract_params``) and every parameter gets its ``NamedSharding`` from
   ``sharding.abstract_with_shardings``; the KV cache from ``sharding.kv_cache_shardings`` (and
   ``sharding.constrain_kv_cache`` on the written cache), tokens / positions / ``key_valid`` from
-  ``sharding.batch_sharding``; the cache and ``key_valid`` are donated, as the decode loop does;
+  ``sharding.batch_sharding``; the cache and ``key_valid`` are donated, as the decode loop does; the LLM
+  constrains its residual stream per the rules (``Qwen2.shard_activations``, as ``MiniCPMV.shard`` does);
 * the logits leave the step split only by batch (whole rows of ``[B, V]`` on each device, the layout
   top-k / top-p sampling needs), so a vocabulary split pays its all-gather inside the measured step;
 * ``jax.jit(step).lower(<ShapeDtypeStructs with shardings>).compile()`` on 8 simulated CPU devices;
@@ -44,8 +45,9 @@ A collective whose operand is (a convert / copy / reshape of) a parameter is a *
 weight moved on every token — and is counted separately ("weight colls"; ``--detail`` names the parameter).
 
 Besides the default :data:`sharding.RULES`, the rejected alternatives documented in ``sharding/rules.py``
-are compiled on the mesh where they differ (:data:`ALTERNATIVES`), with the default rows repeated next to
-them.
+are compiled on the meshes where they differ (:data:`ALTERNATIVES`), with the default rows repeated next to
+them: among them the step without any activation constraint (XLA's own layout) and with
+:data:`sharding.TRAINING_RULES` (residual stream split by batch over fsdp, weights gathered).
 
     python benchmarks/sharding_report.py --check          # full size, batches 1 and 8, 4096 slots (~2 min)
     python benchmarks/sharding_report.py --small          # tiny config (compiles as many programs: ~1 min)
@@ -94,34 +96,31 @@ COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expen
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A rules table to compare: the default, or the default with some logical names re-mapped."""
+    """A rules table to compare: a base table (the default ``sharding.RULES``) with some logical names
+    re-mapped, and whether the LLM constrains its residual stream at all (``Qwen2.shard_activations``)."""
 
     name: str
     overrides: tuple[tuple[str, tuple[str, ...]], ...] = ()
     meshes: tuple[tuple[int, int, int], ...] | None = None   # None: every mesh of the run
+    base: sharding.Rules = sharding.RULES
+    constrain: bool = True
 
     @property
     def rules(self) -> sharding.Rules:
-        return override_rules(sharding.RULES, dict(self.overrides))
+        return sharding.override_rules(self.base, dict(self.overrides))
 
 
 DEFAULT = Variant("default")
-#: Alternatives to the choices argued in ``sharding/rules.py``, on the mesh where they differ from the default.
+_FSDP_MESHES = ((1, 8, 1), (2, 2, 2), (1, 2, 4))
+#: Alternatives to the choices argued in ``sharding/rules.py``, on the meshes where they differ from the default.
 ALTERNATIVES = (
     Variant("attention not split, KV cache replicated",
             (("head_dim", ()), ("act_head_dim", ()), ("cache_head_dim", ())), ((1, 1, 8),)),
     Variant("embedding + lm_head replicated over tensor", (("embed", ("fsdp",)),), ((1, 1, 8),)),
     Variant("vocab not split (lm_head split on D)", (("vocab", ()), ("act_vocab", ())), ((2, 2, 2),)),
+    Variant("no activation constraints", meshes=((1, 1, 8), *_FSDP_MESHES), constrain=False),
+    Variant("TRAINING_RULES (weights gathered)", meshes=_FSDP_MESHES, base=sharding.TRAINING_RULES),
 )
-
-
-def override_rules(rules: sharding.Rules, overrides: dict[str, tuple[str, ...]]) -> sharding.Rules:
-    """``rules`` with the mesh axes of some logical names replaced (order kept)."""
-    rules = sharding.check_rules(rules)
-    unknown = set(overrides) - {name for name, _ in rules}
-    if unknown:
-        raise ValueError(f"override of logical names that have no rule: {sorted(unknown)}")
-    return tuple((name, tuple(overrides.get(name, axes))) for name, axes in rules)
 
 
 # --------------------------------------------------------------------------- compiling one step
@@ -138,8 +137,10 @@ def _abstract_llm(llm_cfg) -> nnx.Module:
     return nnx.eval_shape(build)
 
 
-def compile_decode_step(llm_cfg, mesh, batch: int, cache_len: int, rules: sharding.Rules):
-    """``jax.jit(step).lower(...).compile()`` of one decode step on ``mesh`` (abstract inputs only)."""
+def compile_decode_step(llm_cfg, mesh, batch: int, cache_len: int, rules: sharding.Rules = sharding.RULES,
+                        constrain: bool = True):
+    """``jax.jit(step).lower(...).compile()`` of one decode step on ``mesh`` (abstract inputs only); the
+    residual stream is constrained per ``rules`` as ``MiniCPMV.shard`` makes it, unless ``constrain=False``."""
     abstract = _abstract_llm(llm_cfg)
     graphdef = nnx.graphdef(abstract)
     params = sharding.abstract_with_shardings(abstract, mesh, rules)
@@ -158,6 +159,8 @@ def compile_decode_step(llm_cfg, mesh, batch: int, cache_len: int, rules: shardi
 
     def step(params, tokens, positions, cache, key_valid, write_index):
         llm = nnx.merge(graphdef, params)
+        if constrain:
+            llm.shard_activations(mesh, rules)
         logits, cache, key_valid = generate._decode(types.SimpleNamespace(llm=llm), tokens, positions, cache,
                                                     key_valid, write_index)
         return logits, sharding.constrain_kv_cache(cache, mesh, rules), key_valid
@@ -314,7 +317,7 @@ def measure(cfg, shape, variant: Variant, batch: int, cache_len: int, full_depth
     results = []
     for depth in depths:
         compiled = compile_decode_step(dataclasses.replace(llm, num_hidden_layers=depth), mesh, batch, cache_len,
-                                       rules)
+                                       rules, variant.constrain)
         ops = collectives(compiled.as_text(), mesh.size)
         results.append((_summary(ops, compiled.memory_analysis()), _signatures(ops)))
     elapsed = time.perf_counter() - t0

@@ -97,7 +97,7 @@ def _prefill(model, ids, mask, features, feature_index, num_new: int):
     llm = model.llm
     cache = KVCache.zeros(llm.config, b, t + num_new, llm.dtype)
     if model.mesh is not None:  # created inside jit: say where its shards live (batch / KV heads)
-        cache = sharding.constrain_kv_cache(cache, model.mesh)
+        cache = sharding.constrain_kv_cache(cache, model.mesh, model.rules)
     key_valid = jnp.zeros((b, t + num_new), bool).at[:, :t].set(mask)
     x = _prompt_embeddings(model, ids, features, feature_index)
     hidden, cache = llm.hidden_states(x, positions_from_mask(mask), attention_mask(key_valid, 0, t), cache, 0)

@@ -65,12 +65,13 @@ class MiniCPMV(nnx.Module):
         self.vpm = VisionEncoder(config, **common)
         self.resampler = Resampler(config.resampler, **common)
         self.mesh = None  # set by from_pretrained(mesh=...) / shard(): where the parameters live
+        self.rules = sharding.RULES  # ... and the rules that placed them and constrain the activations
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: Any = "bfloat16", mesh=None, *,
-                        param_dtype: Any = None) -> "MiniCPMV":
+                        param_dtype: Any = None, rules: sharding.Rules = sharding.RULES) -> "MiniCPMV":
         """Loads an HF-format checkpoint folder (single or sharded safetensors) or a folder written by
         ``minicpmv-jax convert`` (an Orbax restore, see :mod:`minicpmv_jax.orbax_checkpoint`).
 
@@ -81,17 +82,17 @@ class MiniCPMV(nnx.Module):
         ``mesh`` (a ``jax.sharding.Mesh`` with axes ``data``/``fsdp``/``tensor``, see
         ``sharding.make_mesh``) places every parameter on it as the rules of :mod:`sharding` say, loading
         each straight into its shards (from an Orbax folder each device reads only its own shards, on
-        every process of a multi-host mesh). ``compute_logits`` and ``chat`` then run sharded.
+        every process of a multi-host mesh). ``compute_logits`` and ``chat`` then run sharded, with the
+        LLM's activations constrained by ``rules`` too (default ``sharding.RULES``, the inference layout;
+        see :meth:`shard` for training).
         """
-        if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-            raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. sharding.make_mesh(fsdp=-1)) or None, got "
-                            f"{type(mesh).__name__}")
+        _check_mesh(mesh)
         folder = os.fspath(path)
         if not os.path.isdir(folder):
             raise CheckpointError(f"{folder}: not a directory")
         config = MiniCPMVConfig.from_pretrained(folder)
         abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=_rngs()))
-        shardings = None if mesh is None else sharding.flat_param_shardings(abstract, mesh)
+        shardings = None if mesh is None else sharding.flat_param_shardings(abstract, mesh, rules)
         if orbax_checkpoint.is_converted(folder):            # written by `minicpmv-jax convert`
             model = orbax_checkpoint.restore_params(folder, abstract, shardings=shardings)
         else:
@@ -99,14 +100,25 @@ class MiniCPMV(nnx.Module):
             ckpt.validate(names.expected_tensors(config), extra_ok=_extra_vision_layers(config))
             model = names.load_entries(abstract, ckpt.read, names.entries(config, LOADED_TOWERS),
                                        where=ckpt.where, shardings=shardings)
-        model.mesh = mesh
+        model._use_mesh(mesh, rules)
         return model
 
-    def shard(self, mesh) -> "MiniCPMV":
-        """Moves the parameters onto ``mesh`` per the sharding rules (in place) and returns the model."""
-        sharding.shard_model(self, mesh)
-        self.mesh = mesh
+    def shard(self, mesh, rules: sharding.Rules = sharding.RULES) -> "MiniCPMV":
+        """Moves the parameters onto ``mesh`` per ``rules`` (in place) and returns the model; the compiled
+        programs then constrain the LLM's activations by the same rules.
+
+        ``sharding.RULES`` (default) keep the weights stationary, right for inference;
+        ``sharding.TRAINING_RULES`` split the batch over fsdp and gather weights (training). They place
+        parameters alike, so ``model.shard(model.mesh, sharding.TRAINING_RULES)`` only switches the layout.
+        """
+        _check_mesh(mesh, required=True)
+        sharding.shard_model(self, mesh, rules)
+        self._use_mesh(mesh, rules)
         return self
+
+    def _use_mesh(self, mesh, rules: sharding.Rules) -> None:
+        self.mesh, self.rules = mesh, sharding.check_rules(rules)
+        self.llm.shard_activations(mesh, self.rules)
 
     # ------------------------------------------------------------------ placement of inputs and outputs
 
@@ -224,6 +236,13 @@ def _multimodal_logits(graphdef, state, ids, mask, patches, pos_ids, valid, tgt_
     features = model.encode_images(patches, pos_ids, valid, tgt_sizes)
     x = place_features(model.llm.embed(ids), features, feature_index)
     return model.llm.forward_embeddings(x, mask)
+
+
+def _check_mesh(mesh, required: bool = False) -> None:
+    if (mesh is None and not required) or isinstance(mesh, jax.sharding.Mesh):
+        return
+    allowed = "a jax.sharding.Mesh (e.g. sharding.make_mesh(fsdp=-1))" + ("" if required else " or None")
+    raise TypeError(f"mesh must be {allowed}, got {type(mesh).__name__}")
 
 
 def _rngs() -> nnx.Rngs:

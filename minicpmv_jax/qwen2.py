@@ -12,6 +12,11 @@ Parameter layout (the checkpoint transforms live in :mod:`minicpmv_jax.checkpoin
     layers[i].mlp.gate / up [D, F]     ('embed', 'mlp');  mlp.down [F, D] ('mlp', 'embed')
     layers[i].input_norm / post_attn_norm / norm  [D]  ('norm',)
     lm_head                 [D, V]     ('embed', 'vocab')
+
+Activations: on a mesh (:meth:`Qwen2.shard_activations`, called by ``MiniCPMV.shard`` / ``from_pretrained``)
+the residual stream ``[B, T, D]`` is constrained to ``sharding.RESIDUAL_AXES`` after the embedding and after
+every layer; which layout that is (weights stationary for inference, gathered for training) is the rules
+table's choice, see :mod:`sharding.rules`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
+
+import sharding
 
 from . import kv_cache as kvc
 from .config import Qwen2Config
@@ -156,6 +164,26 @@ class Qwen2(nnx.Module):
         # Rematerialise each decoder layer in the backward pass (training; only without a cache): the
         # forward keeps one [B, T, D] residual per layer instead of every intermediate.
         self.remat = False
+        # Where the residual stream is constrained (shard_activations); None: nowhere (one device, or
+        # XLA's own choice).
+        self.mesh: Mesh | None = None
+        self.rules: sharding.Rules = sharding.RULES
+
+    def shard_activations(self, mesh: Mesh | None, rules: sharding.Rules = sharding.RULES) -> None:
+        """From the next trace on, constrains the residual stream on ``mesh`` per ``rules``
+        (``sharding.RULES`` for inference, ``sharding.TRAINING_RULES`` for training); ``None``: no
+        constraints. Parameters are not moved (``sharding.shard_model`` / ``MiniCPMV.shard`` do that)."""
+        if mesh is not None and not isinstance(mesh, Mesh):
+            raise TypeError(f"Qwen2.shard_activations: mesh must be a jax.sharding.Mesh or None, got "
+                            f"{type(mesh).__name__}")
+        self.mesh = mesh
+        self.rules = sharding.check_rules(rules)
+
+    def constrain_residual(self, x: jax.Array) -> jax.Array:
+        """The residual stream ``x [B, T, D]`` pinned to ``sharding.RESIDUAL_AXES`` (x itself without a mesh)."""
+        if self.mesh is None:
+            return x
+        return sharding.constrain(x, sharding.RESIDUAL_AXES, self.mesh, self.rules)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.embed_tokens(ids)
@@ -169,16 +197,17 @@ class Qwen2(nnx.Module):
         length); the cache, if given, is written at slots [write_index, write_index + T).
         Returns (hidden [B, T, D], updated cache or None).
         """
-        x = x.astype(self.dtype)
+        x = self.constrain_residual(x.astype(self.dtype))
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             if self.remat and cache is None:
                 x = _remat_layer(layer, x, positions, mask)
-                continue
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, (k, v) = layer(x, positions, mask, kv, write_index)
-            new_k.append(k)
-            new_v.append(v)
+            else:
+                kv = (cache.k[i], cache.v[i]) if cache is not None else None
+                x, (k, v) = layer(x, positions, mask, kv, write_index)
+                new_k.append(k)
+                new_v.append(v)
+            x = self.constrain_residual(x)   # every layer: the embedding's layout alone does not hold
         x = self.norm(x)
         new_cache = kvc.KVCache(k=tuple(new_k), v=tuple(new_v)) if cache is not None else None
         return x, new_cache

@@ -5,9 +5,10 @@ package is the only place that maps them to mesh axes. The modules:
 
 * :mod:`sharding.mesh` — :func:`make_mesh` (``-1`` = the rest of the devices), :func:`abstract_mesh`
   (device-free, for planning), :func:`parse_mesh_shape` (``"DxFxT"``).
-* :mod:`sharding.rules` — the ordered :data:`RULES` table and :func:`logical_to_spec`, which only uses a
-  mesh axis where it divides the dimension; the fallbacks (``head_dim`` when heads do not divide,
-  ``embed`` when the vocabulary does not) and their decode cost are documented there.
+* :mod:`sharding.rules` — the ordered :data:`RULES` table (inference) and :data:`TRAINING_RULES` (the
+  same but for the residual stream's layout), and :func:`logical_to_spec`, which only uses a mesh axis
+  where it divides the dimension; the fallbacks (``head_dim`` when heads do not divide, ``embed`` when the
+  vocabulary does not), the residual-stream layouts and their decode cost are documented there.
 * :mod:`sharding.placement` — specs / shardings / sharded abstract trees for the parameters,
   :func:`shard_model`, the batch and KV-cache shardings, and :func:`constrain` for activations.
 * :mod:`sharding.plan` — :func:`plan_memory` / :func:`format_plan`: per-device bytes without weights.
@@ -15,7 +16,9 @@ package is the only place that maps them to mesh axes. The modules:
 Typical use::
 
     mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
-    model = sharding.shard_model(model, mesh)                      # or load straight into shards:
+    model = MiniCPMV.from_pretrained(path, mesh=mesh)   # into shards; activations constrained per RULES
+    model.shard(mesh, sharding.TRAINING_RULES)          # training: other activation layout, params stay put
+    model = sharding.shard_model(model, mesh)           # a bare module: parameters only, no constraints
     shardings = sharding.flat_param_shardings(abstract_model, mesh)  # -> load_entries / restore_params
     cache = sharding.sharded_kv_cache(cfg, batch, max_len, mesh)
     step = jax.jit(fn, in_shardings=(..., sharding.kv_cache_shardings(cache, mesh)), ...)
@@ -26,15 +29,15 @@ from .placement import (abstract_with_shardings, batch_sharding, batch_spec, con
                         describe, flat_param_shardings, kv_cache_shardings, kv_cache_specs, logical_axes_of,
                         param_shardings, param_specs, shard_batch, shard_model, sharded_kv_cache)
 from .plan import MemoryPlan, TowerMemory, abstract_params, format_plan, plan_memory, resolve_config
-from .rules import (ACTIVATION_AXES, CACHE_AXES, LOGICAL_AXES, RULES, Rules, check_rules, logical_to_spec,
-                    num_shards, shards_per_dim, spec_shard_shape)
+from .rules import (ACTIVATION_AXES, CACHE_AXES, LOGICAL_AXES, RESIDUAL_AXES, RULES, TRAINING_RULES, Rules,
+                    check_rules, logical_to_spec, num_shards, override_rules, shards_per_dim, spec_shard_shape)
 
 __all__ = [
     # mesh
     "MESH_AXES", "make_mesh", "abstract_mesh", "parse_mesh_shape", "axis_sizes", "mesh_shape",
     # rules
-    "Rules", "RULES", "LOGICAL_AXES", "ACTIVATION_AXES", "CACHE_AXES", "check_rules", "logical_to_spec",
-    "shards_per_dim", "num_shards", "spec_shard_shape",
+    "Rules", "RULES", "TRAINING_RULES", "LOGICAL_AXES", "ACTIVATION_AXES", "RESIDUAL_AXES", "CACHE_AXES",
+    "check_rules", "override_rules", "logical_to_spec", "shards_per_dim", "num_shards", "spec_shard_shape",
     # placement
     "logical_axes_of", "param_specs", "param_shardings", "flat_param_shardings", "abstract_with_shardings",
     "shard_model", "batch_spec", "batch_sharding", "shard_batch", "kv_cache_specs", "kv_cache_shardings",

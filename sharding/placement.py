@@ -113,10 +113,15 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = RULES) -> nnx.Modu
     """Moves every parameter of ``model`` onto ``mesh`` per the rules, in place; returns ``model``.
 
     One parameter at a time, so the extra memory is one parameter, not one model. Values are unchanged.
+    A parameter that already has its target sharding is left alone (no copy; this is also what makes
+    re-sharding with a table that differs only in activation rows, e.g. ``TRAINING_RULES``, free, and
+    possible for arrays that span several processes).
     """
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        spec = logical_to_spec(logical_axes_of(var, path), var.get_value().shape, mesh, rules)
-        var.set_value(_put(var.get_value(), NamedSharding(mesh, spec)))
+        value = var.get_value()
+        target = NamedSharding(mesh, logical_to_spec(logical_axes_of(var, path), value.shape, mesh, rules))
+        if not (isinstance(value, jax.Array) and value.sharding == target):
+            var.set_value(_put(value, target))
     return model
 
 
@@ -221,8 +226,8 @@ def _current_mesh(mesh):
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | None = None,
               rules: Rules = RULES) -> jax.Array:
-    """``with_sharding_constraint`` of activation ``x`` by logical names, e.g.
-    ``constrain(h, ("batch", "length", "act_embed"))``.
+    """``with_sharding_constraint`` of activation ``x`` by logical names, e.g. the LLM's residual stream
+    ``constrain(h, RESIDUAL_AXES, mesh, rules)`` with ``RESIDUAL_AXES = ("act_batch", "length", "act_embed")``.
 
     Uses ``mesh`` if given, else the mesh set by ``with jax.set_mesh(mesh):``; a no-op without either
     (single-device code runs unchanged). Splits follow the same divisibility rule as parameters.

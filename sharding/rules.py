@@ -51,29 +51,65 @@ Choices and their cost in decode (one token, per layer, batch B, cache length S,
   full rematerialization"). Use a tensor size that divides K, or t = 8 where both fall back alike.
 * Vocabulary: ``vocab`` → tensor when V % t == 0 (t ∈ {1, 2}), else the embedding and ``lm_head`` split
   ``embed`` by tensor. Decode then all-reduces the ``[B, V]`` logits once per token (not per layer),
-  at most twice the all-gather a vocab split would need before sampling anyway. The embedding lookup
-  yields a D-split ``[B, T, D]``; without activation constraints XLA then keeps the residual stream
-  D-split (all-reduces of the RMSNorm statistics, all-gathers before the projections: seen in the HLO);
-  ``constrain(x, ("batch", "length", "act_embed"))`` after the lookup pins the Megatron layout.
+  at most twice the all-gather a vocab split would need before sampling anyway.
 * ``embed`` / ``vision_embed`` → fsdp (then tensor, only when no other dimension took it): every matrix
   of the three towers has a model-width axis, so fsdp splits all of them. Vectors without a width axis
   (``norm``, q/k/v biases ``[N, H]``, the SigLIP fc1 bias) stay replicated over fsdp (< 0.01 % of the
   parameters).
-* ``batch`` / ``cache_batch`` → data, then fsdp (each only when it divides B; B = 1 decode replicates).
-  ``length`` / ``cache_length`` and ``act_embed`` are replicated (no sequence parallelism yet).
+* ``batch`` / ``cache_batch`` → data, then fsdp (each only when it divides B; B = 1 decode replicates):
+  the inputs and outputs of the compiled programs (ids, masks, logits) and the KV cache.
+  ``length`` / ``cache_length`` are replicated (no sequence parallelism yet).
+
+The residual stream (``act_batch``, ``length``, ``act_embed``): weights stationary for inference
+-----------------------------------------------------------------------------------------------------
+The LLM constrains its residual stream ``[B, T, D]`` after the embedding (and after image features are
+placed) and after every decoder layer (:meth:`minicpmv_jax.qwen2.Qwen2.hidden_states`, on the model's
+mesh; nothing without one). With fsdp, two layouts of a projection ``[B, T, D] × [D, …]`` are possible:
+
+* *weights stationary* (:data:`RULES`, the default): ``act_batch`` → data only, ``act_embed`` → fsdp. The
+  activation's D is split like the kernels' D, so each device contracts its own slice of D against the
+  kernel pieces it holds and the partial sums are all-reduced (or reduce-scattered): per layer and token
+  about (D + 2·K·H + 2·F) / t values cross the links (42 496 for Qwen2-7B, 85 KB in bf16, tensor t = 1).
+  No weight ever moves.
+* *weights gathered* (:data:`TRAINING_RULES`, classic FSDP / ZeRO-3): ``act_batch`` → data and fsdp,
+  ``act_embed`` replicated. Each device works on its own rows with whole layers, all-gathered over fsdp
+  just before use: (f − 1) / f of a layer's kernels per layer and step (466 MB per layer in bf16 for
+  Qwen2-7B), whatever the number of tokens.
+
+So the gathered layout only pays off above about B·T ≈ 2 700 tokens per data replica and step (466 MB
+against 2 × 85 KB per token for a ring all-reduce), i.e. for training and long prefills; decode (B·T = B)
+is far below. Measured on the full-size compiled decode step (``benchmarks/sharding_report.py``,
+``benchmarks/RESULTS.md``): without any constraint XLA picked a weight-gathering layout on (1, 2, 4) at
+B = 8 (112 weight all-gathers per token, ≈ 411 MB bf16 per device, +19 % on the bytes the step reads);
+with these rules it moves no weight on any of the five meshes at B = 1 and 8 and (1, 2, 4) B = 8 drops from
+341 to 202 collectives and from 440 to 23 MB of link traffic per step. Two details that matter: the
+constraint after the embedding alone is not enough (109 weight gathers remain: every layer must re-pin
+the layout), and the obvious ``("batch", "length", "act_embed")`` with batch over (data, fsdp) and D
+replicated — the training layout — makes decode gather every weight on every fsdp mesh at B = 8
+((1, 8, 1): 197 weight all-gathers, 14 GB per device per step in bf16). Hence the separate name
+``act_batch``: inputs keep ``batch`` → (data, fsdp), the residual stream follows the layout chosen here.
+The embedding table is D-split over fsdp × tensor when tensor does not divide V: its lookup is resharded
+once to D over fsdp by the first constraint.
+
+**Which table to use**: :data:`RULES` for inference (``from_pretrained(mesh=…)``, ``chat``, generation,
+``compute_logits``): prefill runs with the same layout (cheaper up to ~2 700 prompt tokens per replica,
+and it keeps one compiled layout for the cache hand-off). :data:`TRAINING_RULES` for training and other
+large-B·T work: ``model.shard(mesh, sharding.TRAINING_RULES)``. The two tables differ only in the two
+residual-stream rows, so parameters and the KV cache are placed identically and switching a sharded
+model is free (``shard`` leaves parameters that are already in place alone).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from jax.sharding import PartitionSpec
 
 from .mesh import MeshLike, axis_sizes
 
-__all__ = ["Rules", "LOGICAL_AXES", "ACTIVATION_AXES", "CACHE_AXES", "RULES", "check_rules",
-           "logical_to_spec", "shards_per_dim", "num_shards", "spec_shard_shape"]
+__all__ = ["Rules", "LOGICAL_AXES", "ACTIVATION_AXES", "RESIDUAL_AXES", "CACHE_AXES", "RULES", "TRAINING_RULES",
+           "check_rules", "override_rules", "logical_to_spec", "shards_per_dim", "num_shards", "spec_shard_shape"]
 
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
@@ -89,19 +125,27 @@ LOGICAL_AXES = (
     "lora_rank",
 )
 
-#: Logical names for activations (``constrain``): batch, sequence, and the model axes they carry.
-ACTIVATION_AXES = ("batch", "length", "act_embed", "act_heads", "act_kv_heads", "act_head_dim", "act_mlp",
-                   "act_vocab")
+#: Logical names for activations (``constrain``): batch, sequence, and the model axes they carry. ``batch``
+#: is the batch axis of the compiled programs' inputs and outputs, ``act_batch`` the one of the residual
+#: stream inside the model (see "The residual stream" above).
+ACTIVATION_AXES = ("batch", "act_batch", "length", "act_embed", "act_heads", "act_kv_heads", "act_head_dim",
+                   "act_mlp", "act_vocab")
+
+#: Logical names of the LLM's residual stream ``[B, T, D]``, in that order.
+RESIDUAL_AXES = ("act_batch", "length", "act_embed")
 
 #: Logical names of a KV cache buffer ``[B, S, K, H]``, in that order.
 CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
 
-#: The default table: ordered (logical name, candidate mesh axes). Earlier rows win a mesh axis.
+#: The default table (inference): ordered (logical name, candidate mesh axes). Earlier rows win a mesh axis.
 RULES: Rules = (
-    # activations and inputs
+    # inputs / outputs of the compiled programs
     ("batch", ("data", "fsdp")),
+    # the residual stream [B, T, D]: weights stationary (decode); see TRAINING_RULES
+    ("act_batch", ("data",)),
     ("length", ()),
-    ("act_embed", ()),
+    ("act_embed", ("fsdp",)),
+    # other activations
     ("act_heads", ("tensor",)),
     ("act_kv_heads", ("tensor",)),
     ("act_head_dim", ("tensor",)),      # fallback: heads did not divide
@@ -148,6 +192,24 @@ def check_rules(rules: Rules) -> Rules:
             raise ValueError(f"rules[{i}] = {row!r}: mesh axes must be names")
         out.append((name, axes))
     return tuple(out)
+
+
+def override_rules(rules: Rules, overrides: Mapping[str, Sequence[str] | str]) -> Rules:
+    """``rules`` with the mesh axes of some logical names replaced, order kept (e.g. to compare layouts).
+
+    Raises ``ValueError`` for a name that has no row in ``rules`` (a typo would otherwise change nothing).
+    """
+    rules = check_rules(rules)
+    unknown = set(overrides) - {name for name, _ in rules}
+    if unknown:
+        raise ValueError(f"override of logical names that have no rule: {sorted(unknown)}")
+    return check_rules(tuple((name, overrides.get(name, axes)) for name, axes in rules))
+
+
+#: Training (and other large-B·T work): the residual stream split by batch over data and fsdp, the model
+#: width replicated, so XLA all-gathers each layer's fsdp-split weights (classic FSDP). Parameters and
+#: the KV cache are placed exactly as by :data:`RULES`.
+TRAINING_RULES: Rules = override_rules(RULES, {"act_batch": ("data", "fsdp"), "act_embed": ()})
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: MeshLike,

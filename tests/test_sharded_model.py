@@ -78,9 +78,28 @@ def test_orbax_folder_restores_into_the_same_shards(tmp_path, tiny_checkpoint):
 
 def test_shard_moves_a_loaded_model(tiny_checkpoint, batch, expected):
     model = MiniCPMV.from_pretrained(tiny_checkpoint[0], dtype="float32")
-    model.shard(sharding.make_mesh(2, 1, 4))
+    mesh = sharding.make_mesh(2, 1, 4)
+    model.shard(mesh)
     assert _split_fraction(model) <= 1.5 / 4
+    assert model.rules == model.llm.rules == sharding.RULES and model.llm.mesh is mesh
     logits = expected[0]
     mask = batch["attention_mask"]
     assert rel_err(np.asarray(model.compute_logits(batch))[mask], logits[mask]) <= 1e-5
     assert jax.device_count() == 8
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        model.shard((2, 1, 4))
+
+
+def test_switching_to_training_rules_keeps_parameters_in_place(tiny_checkpoint, batch, expected):
+    """The training table differs only in the residual stream's layout: shard() moves no parameter, the
+    multimodal logits stay equal to the unsharded model's."""
+    mesh = sharding.make_mesh(1, 2, 4)
+    model = MiniCPMV.from_pretrained(tiny_checkpoint[0], dtype="float32", mesh=mesh)
+    before = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    model.shard(mesh, sharding.TRAINING_RULES)
+    assert model.rules == model.llm.rules == sharding.TRAINING_RULES
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        assert var.get_value() is before[path], path                  # the same arrays, not copies
+    logits = expected[0]
+    mask = batch["attention_mask"]
+    assert rel_err(np.asarray(model.compute_logits(batch))[mask], logits[mask]) <= 1e-5
