@@ -3,11 +3,14 @@
 Streaming. Parameters are produced one at a time, in the name table's order, and written in groups of at
 most ``group_bytes`` (default 512 MiB; a larger parameter is a group of its own) with Orbax's partial
 saving: each group is one ``partial.save_async`` into the same checkpoint, finalized once at the end; the
-next group is filled while one is written. A parameter is filled from its source tensor in row blocks of
-about 32 MiB, read with positioned reads and written through the transform's *inverse* view of the output
-array (``Transpose.inverse(out)`` is ``out.T``, so assigning source rows to it transposes block by block,
-never holding the source tensor whole). Peak memory is therefore about the largest parameter plus half a
-group plus one block (or one group, if larger), independent of the checkpoint's size.
+next group is filled while one is written. Parameter arrays are carved from one :class:`Ring` of host
+memory (the largest parameter plus half a group), allocated once: fresh memory per parameter is slow on
+virtual machines that hand freed memory back to the host (:mod:`._ring`). A parameter is filled from its
+source tensor in row blocks of about 32 MiB: rows kept as they are are read straight into it; the others
+are viewed in the mapped source file and written through the transform's *inverse* view of the output
+(``Transpose.inverse(out)`` is ``out.T``, so assigning source rows to it transposes block by block, never
+holding the source tensor whole; :mod:`._transpose`). Peak memory is therefore the ring plus one block,
+independent of the checkpoint's size.
 
 Validation happens before anything is written (config, headers, sizes, names, shapes: errors name the file
 and tensor); the output is atomic (:mod:`._output`).
@@ -38,11 +41,12 @@ from minicpmv_jax.model import _extra_vision_layers, as_dtype
 
 from ._errors import ConvertError
 from ._output import check_destination, staged
+from ._ring import Ring, Scratch, ring_bytes
 from ._source import RowReader, copy_aux_files, describe_files, resolve_source
+from ._transpose import assign_rows
 
 GROUP_BYTES = 512 << 20
 BLOCK_BYTES = 32 << 20
-TILE_ROWS = 256            # rows per strided copy: keeps transposing copies cache-friendly
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +72,8 @@ class ConversionResult:
     stored_dtypes: dict[str, int]
     ignored_tensors: tuple[str, ...]
     seconds: float
+    fill_seconds: float = 0.0   # reading and transforming parameters (the main thread's own work)
+    wait_seconds: float = 0.0   # the main thread waiting for saves (the write is the slower side)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None, overwrite: bool = False,
@@ -106,7 +112,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None
                    desc=f"convert {os.path.basename(dst)}", disable=not progress, file=sys.stderr)
         with staged(dst, overwrite) as tmp, bar:
             try:
-                write_params(os.path.join(tmp, ock.PARAMS_DIR), jobs, reader, budget, bar.update)
+                fill_s, wait_s = write_params(os.path.join(tmp, ock.PARAMS_DIR), jobs, reader, budget,
+                                              bar.update)
+                result = dataclasses.replace(result, fill_seconds=fill_s, wait_seconds=wait_s)
                 copied = copy_aux_files(folder, tmp)
                 _write_manifest(tmp, src, folder, ckpt, out_dtype, result, copied)
             except OSError as e:
@@ -124,53 +132,53 @@ def plan(entries: list[names.Entry], reader: RowReader, out_dtype: np.dtype | No
     return jobs
 
 
-def plan_groups(sizes: list[int], budget: int) -> list[list[int]]:
-    """Consecutive indices whose sizes add up to at most ``budget`` (a larger item stands alone)."""
-    groups: list[list[int]] = []
-    total = 0
-    for i, size in enumerate(sizes):
-        if groups and total + size <= budget:
-            groups[-1].append(i)
-            total += size
-        else:
-            groups.append([i])
-            total = size
-    return groups
-
-
 def write_params(path: str, jobs: list[Job], reader: RowReader, budget: int,
-                 progress: Callable[[int], Any] = lambda n: None) -> None:
+                 progress: Callable[[int], Any] = lambda n: None) -> tuple[float, float]:
     """Writes every job's parameter into the Orbax checkpoint ``path``, one group per partial save.
 
-    Saves run in the background while the next group is filled, as long as the bytes held (the group
-    being written plus the one being filled) stay within the largest parameter plus half a group.
+    A group is the next parameters in order whose bytes add up to at most ``budget`` (a larger parameter
+    stands alone). Arrays live in one :class:`Ring` of the largest parameter plus half a group: a save runs
+    in the background while the next group is filled, and filling waits only where it reaches memory the
+    running save still reads (a group is also cut short where it would wrap onto itself). Returns the
+    seconds spent filling and waiting for saves.
     """
     ocp = ock.orbax_v1()
-    ctx = ocp.Context()
-    ctx.memory.deepcopy_host_arrays = False      # we never touch a saved array again: no defensive copy
-    ctx.array.saving.use_compression = False     # zstd saves ~25 % on bf16, costs CPU on every save/load
-    sizes = [j.nbytes for j in jobs]
-    cap = max(sizes) + budget // 2
-    in_flight, in_flight_bytes = None, 0
-    with ctx:
+    ring = Ring(ring_bytes([j.nbytes for j in jobs], budget // 2))
+    scratch = Scratch()
+    group: dict = {}
+    group_bytes = 0
+    in_flight: _Save | None = None
+    waited = [0.0]
+    fill_s = 0.0
+
+    def start_save() -> None:
+        nonlocal group, group_bytes, in_flight
+        if in_flight is not None:                # Orbax runs one partial save at a time
+            in_flight, previous = None, in_flight
+            previous.wait()
+        in_flight = _Save(_write_group(path, ock.nest(group)), waited)
+        ring.seal(in_flight.wait)
+        group, group_bytes = {}, 0
+
+    with save_context():
         try:
-            for group in plan_groups(sizes, budget):
-                nbytes = sum(sizes[i] for i in group)
-                if in_flight is not None and in_flight_bytes + nbytes > cap:
-                    (response, in_flight), in_flight_bytes = (in_flight, None), 0
-                    response.result()
-                arrays = {ock.tree_key(jobs[i].entry.path): fill(jobs[i], reader, progress) for i in group}
-                if in_flight is not None:
-                    response, in_flight = in_flight, None
-                    response.result()
-                in_flight, in_flight_bytes = _write_group(path, ock.nest(arrays)), nbytes
-                del arrays
-            response, in_flight = in_flight, None
-            response.result()
+            for job in jobs:
+                if group and (group_bytes + job.nbytes > budget or not ring.fits(job.nbytes)):
+                    start_save()
+                out = ring.array(job.entry.shape, job.dtype)
+                t = time.perf_counter()
+                group[ock.tree_key(job.entry.path)] = fill(job, reader, progress, out=out, scratch=scratch)
+                fill_s += time.perf_counter() - t
+                group_bytes += job.nbytes
+            if group:
+                start_save()
+            if in_flight is not None:
+                in_flight, last = None, in_flight
+                last.wait()
         finally:
             if in_flight is not None:            # failed while a save runs: let it end before the folder goes
                 with contextlib.suppress(Exception):
-                    in_flight.result()
+                    in_flight.wait()
         ocp.partial.finalize(path)
     stored = ock.stored_arrays(path)
     for j in jobs:
@@ -180,6 +188,34 @@ def write_params(path: str, jobs: list[Job], reader: RowReader, budget: int,
                                f"written as {(tuple(j.entry.shape), j.dtype)}")
     if len(stored) != len(jobs):
         raise ConvertError(f"{path}: holds {len(stored)} arrays, {len(jobs)} were written")
+    return fill_s, waited[0]
+
+
+def save_context():
+    """The Orbax context of every partial save: arrays saved as they are, uncompressed."""
+    ctx = ock.orbax_v1().Context()
+    ctx.memory.deepcopy_host_arrays = False      # we never touch a saved array again: no defensive copy
+    ctx.array.saving.use_compression = False     # zstd saves ~25 % on bf16, costs CPU on every save/load
+    return ctx
+
+
+class _Save:
+    """A running partial save; ``wait()`` (any number of times) returns once it is written, or raises.
+    The seconds spent blocked are added to ``waited[0]``."""
+
+    def __init__(self, response, waited: list[float]):
+        self._response = response
+        self._waited = waited
+        self._done = False
+
+    def wait(self) -> None:
+        if not self._done:
+            t = time.perf_counter()
+            try:
+                self._response.result()
+            finally:
+                self._waited[0] += time.perf_counter() - t
+            self._done = True
 
 
 def _write_group(path: str, tree: dict):
@@ -188,14 +224,21 @@ def _write_group(path: str, tree: dict):
     return ock.orbax_v1().partial.save_async(path, tree)
 
 
-def fill(job: Job, reader: RowReader, progress: Callable[[int], Any] = lambda n: None) -> np.ndarray:
-    """The parameter of ``job`` in our layout and stored dtype, read from its source rows block by block."""
+def fill(job: Job, reader: RowReader, progress: Callable[[int], Any] = lambda n: None, *,
+         out: np.ndarray | None = None, scratch: Scratch | None = None) -> np.ndarray:
+    """The parameter of ``job`` in our layout and stored dtype, read from its source rows block by block.
+
+    ``out`` (C-contiguous, the parameter's shape and dtype) receives it, else a new array. Rows that go
+    to ``out`` unchanged are read into it; the others are viewed in the mapped file one block at a time
+    and assigned through the inverse view (:func:`assign_rows`, with ``scratch`` for its packed tiles).
+    """
     e, (start, stop) = job.entry, job.rows
     src_dtype = reader.dtype(e.name)
-    out = np.empty(e.shape, job.dtype)
+    out = np.empty(e.shape, job.dtype) if out is None else out
+    scratch = Scratch() if scratch is None else scratch
     target = e.transform.inverse(out)            # the source rows [start, stop) as a view of `out`
     rows_shape = (stop - start,) + tuple(e.hf_shape[1:])
-    if tuple(target.shape) != rows_shape or not _is_view_of(target, out):
+    if tuple(target.shape) != rows_shape or not np.may_share_memory(target, out):
         # A transform whose inverse is not a view: read the whole tensor and apply it forwards.
         whole = np.empty(e.hf_shape, src_dtype)
         _read_rows(reader, e.name, 0, whole, progress)
@@ -204,15 +247,14 @@ def fill(job: Job, reader: RowReader, progress: Callable[[int], Any] = lambda n:
     if target.flags.c_contiguous and target.dtype == src_dtype:
         _read_rows(reader, e.name, start, target, progress)   # straight into the output
         return out
-    step = max(1, BLOCK_BYTES // max(1, reader.row_bytes(e.name)))
-    buf = np.empty((min(step, len(target)),) + rows_shape[1:], src_dtype)
+    row_bytes = reader.row_bytes(e.name)
+    step = max(1, BLOCK_BYTES // max(1, row_bytes))
+    step -= step % 8 if step > 8 else 0          # whole packed words per block (see _transpose)
     for i in range(0, len(target), step):
-        block = buf[:min(step, len(target) - i)]
-        reader.read_into(e.name, start + i, block)
-        for j in range(0, len(block), TILE_ROWS):
-            k = min(j + TILE_ROWS, len(block))
-            target[i + j:i + k] = block[j:k]     # transposes (through the view) and casts
-        progress(block.nbytes)
+        n = min(step, len(target) - i)
+        assign_rows(target, i, reader.rows(e.name, start + i, start + i + n), scratch)   # transposes, casts
+        reader.release(e.name, start + i, start + i + n)
+        progress(n * row_bytes)
     return out
 
 
@@ -222,15 +264,6 @@ def _read_rows(reader: RowReader, name: str, start: int, out: np.ndarray, progre
         block = out[i:i + step]
         reader.read_into(name, start + i, block)
         progress(block.nbytes)
-
-
-def _is_view_of(view: np.ndarray, base: np.ndarray) -> bool:
-    b = view
-    while b is not None:
-        if b is base:
-            return True
-        b = b.base
-    return False
 
 
 def _write_manifest(folder: str, src: str, source_folder: str, ckpt: HFCheckpoint, out_dtype, result,
@@ -247,6 +280,7 @@ def _write_manifest(folder: str, src: str, source_folder: str, ckpt: HFCheckpoin
                    "bytes": result.bytes_written},
         "ignored_tensors": list(result.ignored_tensors),
         "copied_files": copied,
+        "timing": {"fill_s": round(result.fill_seconds, 3), "wait_for_writes_s": round(result.wait_seconds, 3)},
     }
     with open(os.path.join(folder, ock.MANIFEST_FILE), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)

@@ -1,8 +1,12 @@
 """The conversion's source: an HF folder (or a Hugging Face Hub id) and its tensors, read in row blocks.
 
-:class:`RowReader` reads any row range of a safetensors tensor with plain positioned reads (no mmap), so
-the converter never holds more of a source tensor than one block; the files' headers were already
-validated by :class:`minicpmv_jax.hf_checkpoint.HFCheckpoint`.
+:class:`RowReader` gives any row range of a safetensors tensor, either copied into an array with
+positioned reads (``read_into``) or as a read-only view of the file mapped into memory (``rows``, then
+``release`` once used, which drops those pages from the process again): the converter never holds more of
+a source tensor than one block. The view saves the copy where the rows are transformed anyway (the
+transposes read them straight from the page cache). The files' headers and sizes were already validated
+by :class:`minicpmv_jax.hf_checkpoint.HFCheckpoint`; each view checks the file still holds its rows (a
+file truncated while it is mapped would end the process with SIGBUS).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -92,8 +97,15 @@ class RowReader:
         self.ckpt = ckpt
         self._offsets: dict[str, dict[str, tuple[int, int]]] = {}
         self._fds: dict[str, int] = {}
+        self._maps: dict[str, mmap.mmap] = {}
 
     def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:     # a view is still referenced (an exception's traceback): unmapped when freed
+                pass
+        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -111,18 +123,51 @@ class RowReader:
         shape = self.ckpt.tensors[name].shape
         return int(np.prod(shape[1:], dtype=np.int64)) * self.dtype(name).itemsize
 
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of tensor ``name`` as a read-only view of the mapped file."""
+        info = self.ckpt.tensors[name]
+        lo, hi = self._byte_range(name, start, stop)
+        m = self._map(info.file)
+        have = os.fstat(self._fd(info.file)).st_size
+        if hi > have:
+            raise CheckpointError(f"{info.file}: truncated inside tensor {name} (the file ends at byte {have}, "
+                                  f"the tensor needs {hi})")
+        flat = np.frombuffer(m, np.uint8, count=hi - lo, offset=lo)
+        return flat.view(self.dtype(name)).reshape((stop - start,) + tuple(info.shape[1:]))
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        """Drops the pages of rows ``[start, stop)`` from the process (they stay in the page cache)."""
+        lo, hi = self._byte_range(name, start, stop)
+        page = mmap.PAGESIZE
+        lo, hi = lo // page * page, -(-hi // page) * page
+        m = self._maps[self.ckpt.tensors[name].file]
+        if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):     # POSIX; elsewhere the OS decides
+            m.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(m)) - lo)
+
+    def _byte_range(self, name: str, start: int, stop: int) -> tuple[int, int]:
+        info = self.ckpt.tensors[name]
+        begin, end = self._data_range(info.file, name)
+        lo, hi = begin + start * self.row_bytes(name), begin + stop * self.row_bytes(name)
+        if not 0 <= start <= stop or hi > end:
+            raise CheckpointError(f"{info.file}: tensor {name}: rows {start}..{stop} lie outside its data")
+        return lo, hi
+
+    def _map(self, file: str) -> mmap.mmap:
+        if file not in self._maps:
+            try:
+                self._maps[file] = mmap.mmap(self._fd(file), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{file}: cannot map it into memory ({e})") from None
+        return self._maps[file]
+
     def read_into(self, name: str, start: int, out: np.ndarray) -> None:
         """Fills the C-contiguous ``out`` (``len(out)`` rows, the tensor's dtype) from row ``start`` on."""
         if not out.flags.c_contiguous:
             raise ValueError("read_into needs a C-contiguous array")
         info = self.ckpt.tensors[name]
-        begin, end = self._data_range(info.file, name)
+        offset, _ = self._byte_range(name, start, start + len(out))
         fd = self._fd(info.file)
-        offset = begin + start * self.row_bytes(name)
         size = out.nbytes
-        if offset + size > end:
-            raise CheckpointError(f"{info.file}: tensor {name}: rows {start}..{start + len(out)} lie outside "
-                                  "its data")
         buf = memoryview(out.reshape(-1).view(np.uint8))
         done = 0
         while done < size:

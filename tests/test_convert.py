@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import convert_weights
-from convert_weights import ConvertError, _convert, convert
+from convert_weights import ConvertError, _convert, _transpose, convert
 from minicpmv_jax import checkpoint_names as names
 from minicpmv_jax import config as C
 from minicpmv_jax import orbax_checkpoint as ock
@@ -46,7 +46,8 @@ def streaming():
     """Tiny blocks and tiles (with ragged ends) for every conversion in this module."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_convert, "BLOCK_BYTES", 3000)
-        mp.setattr(_convert, "TILE_ROWS", 7)
+        mp.setattr(_transpose, "TILE_ROWS", 7)
+        mp.setattr(_transpose, "PACK_ROWS", 12)
         yield
 
 
@@ -150,6 +151,7 @@ def test_stored_layout_is_ours_and_manifest_describes_it(sources, converted):
                                             "header_sha256": manifest["source"]["files"][0]["header_sha256"]}]
     assert len(manifest["source"]["files"][0]["header_sha256"]) == 64
     assert manifest["tool"]["minicpmv-jax"] and manifest["tool"]["orbax-checkpoint"]
+    assert manifest["timing"]["fill_s"] > 0 and manifest["timing"]["wait_for_writes_s"] >= 0
 
 
 def test_converted_folder_serves_config_tokenizer_and_processor(sources, converted):
@@ -208,27 +210,107 @@ def test_fill_matches_the_tables_forward_transforms(tmp_path, monkeypatch, out_d
                names.Entry(("f",), "conv", (5, 3, 2, 2), names.ConvToPatchKernel(3, 2)),
                names.Entry(("g",), "b", (12,), names.Rows(4, 8, names.SplitHeadsBias(2))),
                names.Entry(("h",), "w", (15, 21), _CopyingTranspose())]
-    monkeypatch.setattr(_convert, "BLOCK_BYTES", 100)    # 1 row of 84 bytes per block
-    monkeypatch.setattr(_convert, "TILE_ROWS", 1)
+    monkeypatch.setattr(_convert, "BLOCK_BYTES", 5 * 84)  # 5 rows of 84 bytes per block: ragged packed words
+    monkeypatch.setattr(_transpose, "TILE_ROWS", 2)
+    monkeypatch.setattr(_transpose, "PACK_ROWS", 4)
     with RowReader(HFCheckpoint.open(tmp_path)) as reader:
-        reads, read_into = [], reader.read_into
+        reads, read_into, views, view, released, release = [], reader.read_into, [], reader.rows, [], reader.release
         monkeypatch.setattr(reader, "read_into", lambda name, start, out: (reads.append(out.nbytes),
                                                                            read_into(name, start, out)))
+        monkeypatch.setattr(reader, "rows", lambda *a: views.append(a) or view(*a))
+        monkeypatch.setattr(reader, "release", lambda *a: released.append(a) or release(*a))
         for job in _convert.plan(entries, reader, None if out_dtype is None else np.dtype(ml_dtypes.bfloat16)):
             got = _convert.fill(job, reader)
             want = np.ascontiguousarray(job.entry.transform(tensors[job.entry.name]).astype(job.dtype))
             assert got.shape == job.entry.shape and got.flags.c_contiguous, job.entry
             assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8)), job.entry
-    assert reads and max(reads) <= 100                       # never more than one block per read
+    assert reads and max(reads) <= 5 * 84                    # never more than one block per read
+    assert views and released == views                       # every mapped block is dropped after use
+    assert max((stop - start) * (84 if name == "w" else 48 if name == "conv" else 4)
+               for name, start, stop in views) <= 5 * 84
 
 
-def test_group_plan_respects_the_budget():
-    assert _convert.plan_groups([5, 5, 5, 20, 1, 1], 10) == [[0, 1], [2], [3], [4, 5]]
-    assert _convert.plan_groups([3], 1) == [[0]]
-    sizes = list(np.random.default_rng(0).integers(1, 50, 200))
-    groups = _convert.plan_groups(sizes, 60)
-    assert [i for g in groups for i in g] == list(range(200))
-    assert all(sum(sizes[i] for i in g) <= 60 for g in groups)
+@pytest.mark.parametrize("dtype", ["uint8", "bfloat16", "float16", "float32", "float64"])
+def test_packed_transpose_equals_the_plain_assignment(dtype):
+    """``assign_rows`` into a transposed view, block by block with ragged edges, equals ``src.T``; the packed
+    path is the one taken where the dtypes agree, and casts or other layouts take the plain one."""
+    dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(3)
+    for rows, cols in ((37, 11), (64, 5), (8, 8), (3, 7), (41, 1)):
+        src = rng.integers(0, 120, (rows, cols)).astype(dtype)
+        for step, pack, tile in ((5, 4, 3), (8, 32, 7), (13, 9, 2), (rows, 64, 256)):
+            out = np.zeros((cols, rows), dtype)
+            for i in range(0, rows, step):
+                _transpose.assign_rows(out.T, i, src[i:i + step], tile_rows=tile, pack_rows=pack)
+            assert np.array_equal(out.view(np.uint8), np.ascontiguousarray(src.T).view(np.uint8)), (rows, step)
+    src, other = src[:0].reshape(0, 11), np.float64 if dtype == np.float32 else np.float32
+    assert _transpose._rows_per_word(np.zeros((11, 37), dtype).T, src) == (0 if dtype.itemsize == 8 else 8 // dtype.itemsize)
+    assert _transpose._rows_per_word(np.zeros((11, 37), other).T, src) == 0            # a cast
+    assert _transpose._rows_per_word(np.zeros((37, 11), dtype), src) == 0              # not a transposed view
+
+
+def test_ring_wraps_waits_for_sealed_batches_and_protects_the_open_one():
+    from convert_weights._ring import ALIGN, Ring, ring_bytes
+
+    assert ring_bytes([100, 10, 10], 1000) == 128 + 64 + 64     # everything fits: never wraps
+    assert ring_bytes([3000, 10, 2000, 10], 64) == 3008 + 64   # largest + slack
+    ring = Ring(10 * ALIGN)
+    waited = []
+    a = ring.array((2, ALIGN), np.uint8)                       # [0, 2) lines
+    b = ring.array((5, ALIGN), np.uint8)                       # [2, 7)
+    a[...], b[...] = 1, 2
+    assert not ring.fits(4 * ALIGN)                            # would wrap onto the open batch
+    with pytest.raises(RuntimeError, match="open batch"):
+        ring.array((4 * ALIGN,), np.uint8)
+    ring.seal(lambda: waited.append("ab"))
+    c = ring.array((3, ALIGN // 2), np.uint16)                 # [7, 10): nothing sealed in the way
+    c[...] = 3
+    assert waited == [] and np.all(a == 1) and np.all(b == 2)
+    ring.seal(lambda: waited.append("c"))
+    d = ring.array((ALIGN,), np.float32)                       # wraps to [0, 4): overlaps a and b only
+    assert waited == ["ab"] and d.flags.c_contiguous and d.dtype == np.float32
+    assert np.shares_memory(d, a) and not np.shares_memory(d, c)
+    ring.seal(lambda: waited.append("d"))
+    ring.array((7 * ALIGN,), np.uint8)        # [4, 11) does not fit; [0, 7) overlaps d: waits for c, then d
+    assert waited == ["ab", "c", "d"]                          # oldest first: saves end in order
+    assert ring.fits(3 * ALIGN) and not ring.fits(4 * ALIGN)
+    with pytest.raises(ValueError, match="does not fit a ring"):
+        ring.array((11 * ALIGN,), np.uint8)
+
+
+def test_saved_arrays_are_not_reused_before_their_save_ends(tmp_path, sources, monkeypatch):
+    """The ring reuses memory: no array may change between the start of its save and the save's end, and
+    the groups keep to the budget. Saves are held back until waited on, so any early reuse shows."""
+    real, groups = _convert._write_group, []
+
+    class Deferred:
+        def __init__(self, path, tree):
+            self.args = path, tree
+            self.leaves = [(k, v, v.copy()) for k, v in ock.flatten(tree)]
+
+        def result(self):
+            for key, now, then in self.leaves:
+                assert np.array_equal(now.view(np.uint8), then.view(np.uint8)), f"{key} reused while saved"
+            real(*self.args).result()
+
+    def write(path, tree):
+        groups.append(sum(v.nbytes for _, v in ock.flatten(tree)))
+        return Deferred(path, tree)
+
+    monkeypatch.setattr(_convert, "_write_group", write)
+    waits = []
+    monkeypatch.setattr(_convert.Ring, "seal", lambda self, wait, seal=_convert.Ring.seal:
+                        seal(self, lambda: (waits.append(1), wait())))
+    with _ignoring_warning("float16"):
+        convert(sources["float16"], tmp_path / "out", dtype="float32", progress=False, group_bytes=GROUP)
+    sizes = [v[0] for v in ock.stored_params(tmp_path / "out").values()]
+    largest = max(int(np.prod(s)) * 4 for s in sizes)
+    assert len(groups) > 3 and all(g <= max(GROUP, largest) for g in groups)
+    assert sum(groups) == sum(int(np.prod(s)) * 4 for s in sizes)
+    assert len(waits) >= 2                                    # the ring wrapped and waited for saves
+    with _ignoring_warning("float16"):
+        hf = MiniCPMV.from_pretrained(sources["float16"], dtype="float32")
+    _assert_bit_identical(_params(hf), _params(MiniCPMV.from_pretrained(tmp_path / "out", dtype="float32")))
 
 
 # --------------------------------------------------------------------------- bad input
@@ -321,6 +403,25 @@ def test_bad_input_raises_checkpoint_errors_from_the_api(tmp_path):
     with pytest.raises(ConfigError, match="hidden_act"):
         convert(tmp_path / "hf", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
+
+
+def test_source_truncated_after_validation_is_an_error_not_a_crash(tmp_path):
+    """Mapped views check the file still holds their rows (reading past its end would be SIGBUS)."""
+    from safetensors.numpy import save_file
+    from convert_weights._source import RowReader
+    from minicpmv_jax.hf_checkpoint import HFCheckpoint
+
+    save_file({"w": np.arange(40 * 6, dtype=np.float32).reshape(40, 6)}, tmp_path / "model.safetensors")
+    with RowReader(HFCheckpoint.open(tmp_path)) as reader:
+        assert np.array_equal(reader.rows("w", 3, 5), np.arange(18, 30, dtype=np.float32).reshape(2, 6))
+        reader.release("w", 3, 5)
+        with open(tmp_path / "model.safetensors", "r+b") as f:
+            f.truncate(os.path.getsize(tmp_path / "model.safetensors") - 24 * 4)
+        assert reader.rows("w", 0, 30).shape == (30, 6)                  # still inside the file
+        with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated inside tensor w"):
+            reader.rows("w", 30, 40)
+        with pytest.raises(CheckpointError, match=r"tensor w: rows 39\.\.41 lie outside its data"):
+            reader.rows("w", 39, 41)
 
 
 # --------------------------------------------------------------------------- atomic output
