@@ -7,6 +7,8 @@ Subcommands available in this build:
     minicpmv-jax chat --model M PROMPT answer a prompt about images (--image) or a video (--video)
     minicpmv-jax generate --model M --input requests.jsonl --output answers.jsonl   batched answers
     minicpmv-jax plan --mesh DxFxT [--model M] [--batch B --max-len L]   per-device memory on a mesh
+    minicpmv-jax finetune --model M --data train.json --output DIR [--lora-rank R | --full] [--steps N] ...
+                                       LoRA or full fine-tuning, resumable; exports DIR/model
 
 ``--model`` takes a checkpoint folder, a Hugging Face Hub id (downloaded and converted once), or ``demo``
 (a tiny random-weight model for trying the pipeline offline; its answers are noise).
@@ -26,6 +28,7 @@ from flax import nnx
 
 from . import __version__, orbax_checkpoint
 from . import checkpoint_names as names
+from .cli_finetune import add_finetune_parser
 from .cli_generate import add_chat_parser, add_generate_parser
 from .config import ConfigError, MiniCPMVConfig, num_parameters
 from .hf_checkpoint import CheckpointError, HFCheckpoint
@@ -100,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=_convert)
     add_chat_parser(sub)
     add_generate_parser(sub)
+    add_finetune_parser(sub)
     plan = sub.add_parser("plan", help="per-device memory of parameters and KV cache on a mesh (no weights read)")
     plan.add_argument("--model", default="minicpmv-2_6", help="checkpoint folder, its config.json, or a preset "
                       "(minicpmv-2_6, tiny); default minicpmv-2_6")
