@@ -122,6 +122,7 @@ def stored_params(folder: str | os.PathLike) -> dict[Key, tuple[tuple[int, ...],
 def stored_arrays(params: str | os.PathLike) -> dict[Key, tuple[tuple[int, ...], np.dtype]]:
     """Key path → (shape, dtype) of every array in the Orbax checkpoint ``params`` (metadata only)."""
     ocp = orbax_v1()
+    params = os.path.abspath(params)  # Orbax refuses relative paths
     try:
         tree = ocp.metadata(params).metadata
     except Exception as e:  # orbax raises assorted types for a damaged checkpoint
@@ -139,7 +140,7 @@ def restore_params(folder: str | os.PathLike, module: nnx.Module, *,
     parameters with the same shapes; otherwise a ``CheckpointError`` names the parameter (e.g. after
     ``config.json`` was edited).
     """
-    folder = os.fspath(folder)
+    folder = os.path.abspath(folder)  # Orbax refuses relative paths
     graphdef, state = nnx.split(module)
     flat = dict(nnx.to_flat_state(state))
     wanted = {tree_key(p): p for p in flat}

@@ -631,3 +631,18 @@ def test_console_script_converts(tmp_path, sources):
     assert "Traceback" not in out.stderr and "converted" in out.stdout
     assert ock.read_manifest(tmp_path / "out")["dtype"]["stored"] == {"float32": len(ock.stored_params(
         tmp_path / "out"))}
+
+
+def test_relative_paths_convert_load_and_info(tmp_path, sources, monkeypatch, capsys):
+    """`minicpmv-jax convert src out` then `--model out` from the same folder: Orbax wants absolute paths."""
+    src = tmp_path / "hf"
+    shutil.copytree(sources["float32"], src)
+    monkeypatch.chdir(tmp_path)
+    with _ignoring_warning("float32"):
+        assert main(["convert", "hf", "out"]) == 0
+    capsys.readouterr()
+    assert main(["info", "--model", "out"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    with _ignoring_warning("float32"):
+        hf = MiniCPMV.from_pretrained("hf", dtype="float32")
+    _assert_bit_identical(_params(hf), _params(MiniCPMV.from_pretrained("out", dtype="float32")))
