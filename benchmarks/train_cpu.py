@@ -28,10 +28,18 @@ steady steps of all rounds is reported (memory and first step: median over round
 median. The first step's loss of every variant is checked against ``torch-full``'s (relative ≤ 1e-4; LoRA
 starts with B = 0, so the same model), so a broken step cannot be timed silently.
 
-    python benchmarks/train_cpu.py [--layers N] [--width D] [--seq L] [--batch B] [--threads T]
-                                   [--repeats R] [--rounds N] [--small] [--out result.json]
+JAX's loss is chunked as ``TrainConfig.loss_chunk`` says (default 512 positions: the default 256-token
+rows are not chunked); ``--loss-chunk N`` / ``none`` sets it. ``--variants`` runs a subset (the losses are
+then checked against the first one's when ``torch-full`` is left out).
 
-``--small`` runs a 2-layer width-128 model on 2×32 tokens (a smoke run of a few seconds per variant).
+    python benchmarks/train_cpu.py [--layers N] [--width D] [--vocab V] [--seq L] [--batch B] [--threads T]
+                                   [--repeats R] [--rounds N] [--loss-chunk N|none] [--variants V,...]
+                                   [--small] [--out result.json]
+
+``--small`` is a smoke run (~25 s on 2 cores; ``tests/test_train_cpu_small.py`` runs it so that the
+benchmark keeps working): a 2-layer width-128 model on 2×32 tokens, one round of 2 steady steps, and each
+JAX variant runs at the same time as its torch counterpart, each on a core of its own with 1 thread, so
+the timings only show that both sides ran.
 """
 
 from __future__ import annotations
@@ -98,15 +106,14 @@ def _reset_peak() -> None:
 # --------------------------------------------------------------------------- the steps
 
 
-def _jax_step(folder: str, batch: dict, lora: bool):
+def _jax_step(folder: str, batch: dict, lora: bool, loss_chunk: int | None):
     import jax
 
     from minicpmv_jax import MiniCPMV
-    from minicpmv_jax.finetune.config import LoRAConfig, TrainConfig
-    from minicpmv_jax.finetune.train_step import Trainer
+    from minicpmv_jax.finetune import LoRAConfig, TrainConfig, Trainer
 
     config = TrainConfig(learning_rate=LR, total_steps=1000, max_grad_norm=CLIP, compute_dtype="float32",
-                         remat=False, train_resampler=False,
+                         remat=False, train_resampler=False, loss_chunk=loss_chunk,
                          lora=LoRAConfig(rank=LORA_RANK, alpha=LORA_ALPHA) if lora else None)
     trainer = Trainer(MiniCPMV.from_pretrained(folder, dtype="float32"), config)
     device_batch = trainer.put_batch([batch])
@@ -172,7 +179,8 @@ def _worker(args) -> None:
         import torch_train_reference  # noqa: F401 (torch, transformers)
     runtime = _status_kib("VmRSS")
     if framework == "jax":
-        step = _jax_step(args.folder, batch, kind == "lora")
+        chunk = None if args.loss_chunk == "none" else int(args.loss_chunk)
+        step = _jax_step(args.folder, batch, kind == "lora", chunk)
     else:
         step = _torch_step(args.folder, batch, kind == "lora", args.threads)
     t0 = time.perf_counter()
@@ -194,17 +202,38 @@ def _worker(args) -> None:
 # --------------------------------------------------------------------------- the driver
 
 
-def _run_variant(variant: str, folder: str, args, cores: list[int]) -> dict:
+def _start_variant(variant: str, folder: str, args, cores: list[int]) -> subprocess.Popen:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--folder", folder]
-    for name in ("layers", "width", "heads", "kv_heads", "mlp", "vocab", "seq", "batch", "repeats", "threads"):
+    for name in ("layers", "width", "heads", "kv_heads", "mlp", "vocab", "seq", "batch", "repeats", "threads",
+                 "loss_chunk"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS=str(args.threads))
     env.pop("XLA_FLAGS", None)                       # one CPU device, no simulated mesh
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                         preexec_fn=lambda: os.sched_setaffinity(0, cores))
-    if out.returncode:
-        raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cores))
+
+
+def _finish_variant(variant: str, process: subprocess.Popen) -> dict:
+    stdout, stderr = process.communicate()
+    if process.returncode:
+        raise SystemExit(f"{variant} failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _run_variants(variants: list[str], folder: str, args, cores: list[int]) -> dict:
+    """Each variant in its own process on ``cores``; with ``args.parallel``, a JAX variant and its torch
+    counterpart at the same time, on disjoint cores (``args.threads`` each)."""
+    if not args.parallel:
+        return {v: _finish_variant(v, _start_variant(v, folder, args, cores)) for v in variants}
+    results, pending = {}, list(variants)
+    while pending:
+        first = pending.pop(0)
+        pair = [first] + [v for v in pending if v.split("-")[1] == first.split("-")[1]][:1]
+        pending = [v for v in pending if v not in pair]
+        running = [(v, _start_variant(v, folder, args, cores[i * args.threads:(i + 1) * args.threads]))
+                   for i, v in enumerate(pair)]
+        results.update((v, _finish_variant(v, p)) for v, p in running)
+    return results
 
 
 def main() -> None:
@@ -220,7 +249,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=4, help="steady steps per variant and round")
     p.add_argument("--rounds", type=int, default=2, help="processes per variant, in alternating order")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--small", action="store_true", help="a 2-layer width-128 model on 2×32 tokens (smoke run)")
+    p.add_argument("--loss-chunk", default="default",
+                   help="TrainConfig.loss_chunk of the JAX variants: positions per loss chunk, or 'none' "
+                        "(default: the TrainConfig default)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--small", action="store_true",
+                   help="smoke run (~25 s): a 2-layer width-128 model on 2×32 tokens, JAX and torch variants in "
+                        "parallel on one core each")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
@@ -228,13 +263,26 @@ def main() -> None:
     if args.worker:
         _worker(args)
         return
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants or len(set(variants)) != len(variants):
+        raise SystemExit(f"--variants: expected distinct names among {VARIANTS}, got {args.variants!r}")
+    if args.loss_chunk not in ("default", "none") and not (args.loss_chunk.isdigit() and int(args.loss_chunk) > 0):
+        raise SystemExit(f"--loss-chunk: expected a positive integer, 'none' or 'default', got {args.loss_chunk!r}")
+    if args.loss_chunk == "default":
+        from minicpmv_jax.finetune.config import DEFAULT_LOSS_CHUNK
+        args.loss_chunk = str(DEFAULT_LOSS_CHUNK)
+    cores = sorted(os.sched_getaffinity(0))
+    args.parallel = False
     if args.small:
         args.layers, args.width, args.heads, args.kv_heads, args.mlp, args.vocab = 2, 128, 4, 2, 256, 512
         args.seq, args.batch, args.repeats, args.rounds = 32, 2, 2, 1
-    cores = sorted(os.sched_getaffinity(0))
+        args.parallel = len(cores) >= 2
+        if args.parallel:
+            args.threads = 1
     if not 1 <= args.threads <= len(cores):
         raise SystemExit(f"--threads must be between 1 and {len(cores)}, got {args.threads}")
-    cores = cores[:args.threads]
+    cores = cores[:2 * args.threads] if args.parallel else cores[:args.threads]
 
     from minicpmv_jax.testing.checkpoint import write_checkpoint
 
@@ -244,12 +292,13 @@ def main() -> None:
         tensors = write_checkpoint(folder, cfg, seed=0, num_shards=1, tokenizer=False)
         llm_params = sum(t.size for name, t in tensors.items() if name.startswith("llm."))
         for round_ in range(args.rounds):            # alternate the order: load drift hits every variant alike
-            for variant in VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]:
-                r = _run_variant(variant, folder, args, cores)
+            for variant, r in _run_variants(variants if round_ % 2 == 0 else variants[::-1], folder, args,
+                                            cores).items():
                 if variant not in results:
                     results[variant] = {**r, "times_s": [], "first_step_s": [], "steady_mib": [], "first_mib": []}
                 for key in ("times_s", "first_step_s", "steady_mib", "first_mib"):
                     results[variant][key] += r[key] if key == "times_s" else [r[key]]
+        results = {v: results[v] for v in variants}
         for r in results.values():
             for key in ("first_step_s", "steady_mib", "first_mib"):
                 r[key] = statistics.median(r[key])
@@ -262,7 +311,8 @@ def _report(args, cfg, llm_params: int, results: dict) -> None:
     import transformers
 
     tokens = args.batch * args.seq
-    reference = results["torch-full"]["first_loss"]
+    reference_variant = "torch-full" if "torch-full" in results else next(iter(results))
+    reference = results[reference_variant]["first_loss"]
     for variant, r in results.items():
         r["median_s"] = statistics.median(r["times_s"])
         r["tokens_per_s"] = tokens / r["median_s"]
@@ -272,9 +322,10 @@ def _report(args, cfg, llm_params: int, results: dict) -> None:
           f"{llm.num_key_value_heads} heads of {llm.head_dim}, MLP {llm.intermediate_size}, vocab "
           f"{llm.vocab_size}: {llm_params / 1e6:.1f} M parameters; batch {args.batch}×{args.seq} = {tokens} "
           f"tokens; float32; LoRA rank {LORA_RANK} on q/k/v/o")
-    print(f"threads: {args.threads} per variant (each in its own process); jax {jax.__version__}, torch "
-          f"{torch.__version__}, transformers {transformers.__version__}; load average "
-          f"{os.getloadavg()[0]:.2f}")
+    together = ", JAX and torch variants two at a time on disjoint cores" if args.parallel else ""
+    print(f"threads: {args.threads} per variant (each in its own process{together}); jax {jax.__version__}, torch "
+          f"{torch.__version__}, transformers {transformers.__version__}; JAX loss_chunk {args.loss_chunk}; load "
+          f"average {os.getloadavg()[0]:.2f}")
     print(f"{'variant':<11} {'first step s':>12} {'median s':>9} {'min s':>7} {'tokens/s':>9} "
           f"{'peak MiB':>9} {'1st-step MiB':>12} {'runtime MiB':>11} {'loss rel diff':>13}")
     for variant, r in results.items():
@@ -282,6 +333,8 @@ def _report(args, cfg, llm_params: int, results: dict) -> None:
               f"{r['tokens_per_s']:>9.0f} {r['steady_mib']:>9.0f} {r['first_mib']:>12.0f} {r['runtime_mib']:>11.0f} "
               f"{r['loss_rel_diff']:>13.1e}")
     for kind in ("full", "lora"):
+        if f"jax-{kind}" not in results or f"torch-{kind}" not in results:
+            continue
         jr, tr = results[f"jax-{kind}"], results[f"torch-{kind}"]
         print(f"{kind}: JAX/torch tokens/s {jr['tokens_per_s'] / tr['tokens_per_s']:.2f}x, "
               f"peak memory {jr['steady_mib'] / tr['steady_mib']:.2f}x")
@@ -293,7 +346,7 @@ def _report(args, cfg, llm_params: int, results: dict) -> None:
             json.dump({"args": vars(args), "llm_params": llm_params, "results": results}, f, indent=2)
     bad = {v: r["loss_rel_diff"] for v, r in results.items() if r["loss_rel_diff"] > LOSS_TOL}
     if bad:
-        raise SystemExit(f"first-step losses differ from torch-full's by more than {LOSS_TOL}: {bad}")
+        raise SystemExit(f"first-step losses differ from {reference_variant}'s by more than {LOSS_TOL}: {bad}")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,17 @@ header-first reader (:class:`minicpmv_jax.hf_checkpoint.HFCheckpoint`); the fold
 
     from convert_weights import convert
     convert("MiniCPM-V-2_6/", "minicpmv-orbax/", dtype="bfloat16")   # or `minicpmv-jax convert SRC DST`
+
+Other writers of converted folders (``minicpmv_jax.finetune.export_model``) reuse its pieces:
+:func:`check_destination` (refuse a destination before any work), :func:`staged` (build the folder beside
+it, rename it into place at the end) and :func:`copy_aux_files` (config, tokenizer, preprocessor files);
+the parameters are written with :func:`minicpmv_jax.orbax_checkpoint.write_params`.
 """
 
 from ._convert import ConversionResult, convert
 from ._errors import ConvertError
-from ._source import resolve_source
+from ._output import check_destination, staged
+from ._source import copy_aux_files, resolve_source
 
-__all__ = ["ConversionResult", "ConvertError", "convert", "resolve_source"]
+__all__ = ["ConversionResult", "ConvertError", "check_destination", "convert", "copy_aux_files", "resolve_source",
+           "staged"]

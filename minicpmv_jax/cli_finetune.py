@@ -77,6 +77,10 @@ def add_finetune_parser(sub) -> None:
     opt.add_argument("--seed", type=int, default=0, help="data order, LoRA init and dropout")
     opt.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     opt.add_argument("--no-remat", action="store_true", help="keep every layer's activations (faster, more memory)")
+    opt.add_argument("--loss-chunk", type=_positive(int), default=None, metavar="N",
+                     help="compute lm_head and the loss N positions at a time (default: TrainConfig's, 512); "
+                     "0 is not allowed: use --no-loss-chunk")
+    opt.add_argument("--no-loss-chunk", action="store_true", help="materialise the whole [B, T, vocab] logits")
     run = p.add_argument_group("run")
     run.add_argument("--mesh", metavar="DxFxT", help="data × fsdp × tensor device mesh, e.g. 1x8x1 (-1: the rest "
                      "of the devices); default: one device")
@@ -106,7 +110,16 @@ def _train_config(args: argparse.Namespace, total_steps: int):
     return TrainConfig(learning_rate=lr, warmup_steps=args.warmup, total_steps=total_steps,
                        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
                        grad_accum_steps=args.grad_accum, seed=args.seed, lora=lora, train_vision=args.train_vision,
-                       train_resampler=args.train_resampler, remat=not args.no_remat, compute_dtype=args.dtype)
+                       train_resampler=args.train_resampler, remat=not args.no_remat, compute_dtype=args.dtype,
+                       **_loss_chunk(args))
+
+
+def _loss_chunk(args: argparse.Namespace) -> dict:
+    if args.no_loss_chunk and args.loss_chunk is not None:
+        raise ValueError("--loss-chunk and --no-loss-chunk contradict each other")
+    if args.no_loss_chunk:
+        return {"loss_chunk": None}
+    return {} if args.loss_chunk is None else {"loss_chunk": args.loss_chunk}
 
 
 def _one_line(e: Exception) -> str:

@@ -2,7 +2,9 @@
 
 The module is a thin holder of the towers' parameters; the compiled programs take its NNX state as
 data and its graph definition as a static argument (small HLO, fast compiles, no recompiles when the
-weights change).
+weights change). :meth:`MiniCPMV.compute_logits` pads a host batch to buckets and runs those programs;
+the computation itself is :meth:`MiniCPMV.forward` (:meth:`~MiniCPMV.hidden_states`, then ``lm_head``),
+plain traced code that fine-tuning calls inside its own jitted, differentiated step.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +28,8 @@ from .config import MiniCPMVConfig
 from .hf_checkpoint import CheckpointError, HFCheckpoint  # noqa: F401 (CheckpointError re-exported)
 from .host import fetch, put
 from .image_inputs import ImageInputs, build_image_inputs, place_features
-from .qwen2 import Qwen2
+from .qwen2 import Qwen2, positions_from_mask
+from .qwen2 import attention_mask as causal_mask
 from .resampler import Resampler
 from .vision import VisionEncoder
 
@@ -51,6 +54,20 @@ def as_dtype(dtype: Any, argument: str = "dtype") -> jnp.dtype:
 def _bucket(n: int, minimum: int = 16) -> int:
     """Smallest power of two ≥ max(n, minimum): lengths and batch sizes share compiled programs."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+class PackedImages(NamedTuple):
+    """The packed image pieces of one batch, as :meth:`MiniCPMV.forward` reads them (any object with these
+    attributes will do, e.g. fine-tuning's ``ImageArrays``; host packing: ``build_image_inputs``).
+
+    Shape letters as in ``layers.py``: N pieces, P patches, C patch channels, Q resampler queries.
+    """
+
+    patches: jax.Array        # float32 [N, P, C], zeros where padded
+    pos_ids: jax.Array        # int32 [N, P] position-table ids
+    valid: jax.Array          # bool [N, P], False for padding patches and pieces
+    tgt_sizes: jax.Array      # int32 [N, 2] patch grid (rows, cols), 0×0 for padding pieces
+    feature_index: jax.Array  # int32 [B, T] row of the flattened features [N·Q, D] per token slot, or −1
 
 
 class MiniCPMV(nnx.Module):
@@ -187,6 +204,52 @@ class MiniCPMV(nnx.Module):
         return _encode(graphdef, state, *(self.put(a, batch_axis=False) for a in (patches, pos_ids, valid,
                                                                                   tgt_sizes)))
 
+    # ------------------------------------------------------------------ the traced forward (training)
+
+    def input_embeddings(self, input_ids: jax.Array, images: PackedImages | None = None) -> jax.Array:
+        """Token embeddings with every image piece's resampled features written into its span.
+
+        Args:
+          input_ids: int32 ``[B, T]``.
+          images: None (text only) or the batch's packed pieces (:class:`PackedImages`, or any object with
+            its five array attributes): ``patches`` float32 ``[N, P, C]``, ``pos_ids`` int32 ``[N, P]``,
+            ``valid`` bool ``[N, P]``, ``tgt_sizes`` int32 ``[N, 2]``, ``feature_index`` int32 ``[B, T]``.
+
+        Returns:
+          ``[B, T, D]`` in the LLM's computation dtype.
+        """
+        x = self.llm.embed(input_ids)
+        if images is None:
+            return x
+        features = self.encode_images(images.patches, images.pos_ids, images.valid, images.tgt_sizes)  # [N, Q, D]
+        return place_features(x, features, images.feature_index)
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array,
+                      images: PackedImages | None = None) -> jax.Array:
+        """The LLM's final hidden states (after the last norm), before ``lm_head``: ``[B, T, D]``.
+
+        ``input_ids`` int32 ``[B, T]`` and ``attention_mask`` bool ``[B, T]`` are left-padded (positions
+        count from each row's first valid token); ``images`` as in :meth:`input_embeddings`. Pure and
+        un-jitted: call it under ``jax.jit`` / ``jax.grad`` (fine-tuning computes its loss from these,
+        :mod:`minicpmv_jax.finetune.loss`). Respects ``llm.remat`` and the activation constraints of
+        :meth:`shard`.
+        """
+        x = self.input_embeddings(input_ids, images)                           # [B, T, D]
+        positions = positions_from_mask(attention_mask)                          # [B, T], as Qwen2.forward_embeddings
+        mask = causal_mask(attention_mask, 0, x.shape[1])                        # [B, T, T]
+        hidden, _ = self.llm.hidden_states(x, positions, mask)
+        return hidden
+
+    def forward(self, input_ids: jax.Array, attention_mask: jax.Array,
+                images: PackedImages | None = None) -> jax.Array:
+        """Full forward without a cache, traced as is (no padding, no jit): float32 logits ``[B, T, V]``.
+
+        Arguments as in :meth:`hidden_states`. The same computation as :meth:`compute_logits`, which pads
+        a host batch to buckets, packs its images and runs this under ``jax.jit``; use ``forward`` inside
+        your own jitted or differentiated function, e.g. a training loss.
+        """
+        return self.llm.logits(self.hidden_states(input_ids, attention_mask, images))
+
     # ------------------------------------------------------------------ chat
 
     def chat(self, image=None, msgs=None, processor=None, sampling: bool = True, max_new_tokens: int = 2048,
@@ -226,16 +289,13 @@ def _encode(graphdef, state, patches, pos_ids, valid, tgt_sizes):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _text_logits(graphdef, state, ids, mask):
-    model = nnx.merge(graphdef, state)
-    return model.llm(ids, mask)
+    return nnx.merge(graphdef, state).forward(ids, mask)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _multimodal_logits(graphdef, state, ids, mask, patches, pos_ids, valid, tgt_sizes, feature_index):
-    model = nnx.merge(graphdef, state)
-    features = model.encode_images(patches, pos_ids, valid, tgt_sizes)
-    x = place_features(model.llm.embed(ids), features, feature_index)
-    return model.llm.forward_embeddings(x, mask)
+    images = PackedImages(patches, pos_ids, valid, tgt_sizes, feature_index)
+    return nnx.merge(graphdef, state).forward(ids, mask, images)
 
 
 def _check_mesh(mesh, required: bool = False) -> None:

@@ -50,6 +50,35 @@ def orbax_v1():
     return ocp
 
 
+# --------------------------------------------------------------------------- writing
+
+
+def save_context():
+    """The Orbax context of every parameter save, the converter's and :func:`write_params`' alike: arrays
+    saved as they are (no defensive copy: a saved host array is never touched again), uncompressed (zstd
+    saves ~25 % on bf16 but costs CPU on every save and load)."""
+    ctx = orbax_v1().Context()
+    ctx.memory.deepcopy_host_arrays = False
+    ctx.array.saving.use_compression = False
+    return ctx
+
+
+def write_params(path: str | os.PathLike, tree: Mapping[str, Any]) -> str:
+    """Saves a parameter tree (nested dicts of arrays, :func:`nest`'s layout) as the Orbax checkpoint ``path``
+    in one save, with :func:`save_context`'s settings; returns the absolute path written.
+
+    ``path`` is the checkpoint folder itself (a converted folder's ``params/``, :data:`PARAMS_DIR`), a new
+    one. Relative paths are made absolute (Orbax refuses them). Sharded ``jax.Array`` leaves are
+    written by every process for its own shards; call it on every process of a multi-host run. The
+    arrays must not change until it returns.
+    """
+    path = os.path.abspath(os.fspath(path))
+    ocp = orbax_v1()
+    with save_context():
+        ocp.save_pytree(path, dict(tree))
+    return path
+
+
 # --------------------------------------------------------------------------- tree keys
 
 

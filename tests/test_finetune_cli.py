@@ -123,6 +123,11 @@ def test_flags_map_onto_the_train_config():
     assert lora.lora.rank == 8 and lora.lora.alpha == 16.0 and lora.lora.target_modules == DEFAULT_LORA_TARGETS
     assert (lora.learning_rate, lora.train_resampler, lora.train_vision, lora.max_grad_norm) == (1e-4, True, False, 1.0)
     assert lora.compute_dtype == "bfloat16" and lora.remat and lora.total_steps == 10
+    assert lora.loss_chunk == TrainConfig().loss_chunk
+    assert _train_config(parse(base + ["--loss-chunk", "64"]), 10).loss_chunk == 64
+    assert _train_config(parse(base + ["--no-loss-chunk"]), 10).loss_chunk is None
+    with pytest.raises(ValueError, match="contradict"):
+        _train_config(parse(base + ["--no-loss-chunk", "--loss-chunk", "64"]), 10)
     custom = _train_config(parse(base + ["--lora-rank", "4", "--lora-alpha", "4", "--lora-dropout", "0.1",
                                          "--lora-targets", r"!llm/layers/0/.*", r"llm/layers/\d+/mlp/.*",
                                          "--no-train-resampler", "--train-vision", "--max-grad-norm", "0",

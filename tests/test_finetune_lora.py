@@ -1,6 +1,7 @@
 """LoRA pieces on their own: adapter shapes and logical axes from the einsum equation, PEFT's init, the
 branch's value, merging, target selection and its errors; and a bfloat16 base with float32 adapters
-(the memory-saving setup) training without touching the base."""
+(the memory-saving setup) training without touching the base; an lm_head adapter with dropout (never
+chunked)."""
 
 from __future__ import annotations
 
@@ -133,3 +134,20 @@ def test_bfloat16_base_with_float32_adapters_trains_only_the_adapters(tmp_path):
     assert tuned.llm.layers[0].attn.q.base.kernel.get_value().dtype == jnp.bfloat16
     merged = merge_lora(trainer.model(state))
     assert merged.llm.layers[0].attn.q.kernel.get_value().dtype == jnp.bfloat16
+
+
+def test_lm_head_adapter_with_dropout_is_never_chunked(tmp_path):
+    """The chunked loss calls lm_head once per chunk, which a dropout stream cannot follow (it would draw the
+    same mask for every chunk, and NNX refuses the mutation inside the scan): with dropout on an lm_head
+    adapter the loss is computed at once, so any ``loss_chunk`` gives the unchunked step exactly."""
+    write_checkpoint(tmp_path, train_config(), seed=5, num_shards=1, tokenizer=False)
+    batch = text_batch(3, 2, 40)
+    results = []
+    for chunk in (None, 16):
+        config = TrainConfig(compute_dtype="float32", loss_chunk=chunk,
+                             lora=LoRAConfig(rank=2, dropout=0.2, target_modules=("llm/lm_head",)))
+        trainer = Trainer(MiniCPMV.from_pretrained(tmp_path, dtype="float32"), config)
+        assert trainer.lora_targets == ["llm/lm_head"]
+        state, metrics = trainer.train_step(trainer.init_state(), trainer.put_batch([batch]))
+        results.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+    assert results[0] == results[1]

@@ -1,7 +1,9 @@
 """Loss and gradients of the JAX train step equal torch autograd on the same tiny weights and batch
 (float32, relative error ≤ 1e-4 on the loss and on every trained parameter's gradient): full fine-tuning
-with the vision encoder and resampler trained and an image in the batch, and LoRA with random non-zero
-adapters (written by hand in torch: ``base(x) + scale · (x @ A) @ B``)."""
+with the vision encoder and resampler trained and an image in the batch, its loss chunked (3 chunks of 32
+positions, so ``lm_head``'s gradient goes through the chunked path), and LoRA with random non-zero
+adapters (written by hand in torch: ``base(x) + scale · (x @ A) @ B``) and the loss over the whole
+sequence at once."""
 
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def _batch(cfg, with_image: bool) -> dict:
 def test_full_finetune_loss_and_every_gradient_match_torch(checkpoint):
     folder, cfg, tensors = checkpoint
     batch = _batch(cfg, with_image=True)
-    config = TrainConfig(compute_dtype="float32", train_vision=True, train_resampler=True, remat=True)
+    config = TrainConfig(compute_dtype="float32", train_vision=True, train_resampler=True, remat=True, loss_chunk=40)
     trainer = Trainer(MiniCPMV.from_pretrained(folder, dtype="float32"), config)
     state = trainer.init_state()
     grads, loss, tokens = trainer.gradients(state, trainer.put_batch([batch]))
@@ -70,7 +72,7 @@ def test_lora_loss_and_adapter_gradients_match_torch(checkpoint):
     batch = _batch(cfg, with_image=False)
     lora = LoRAConfig(rank=3, alpha=7.0)
     trainer = Trainer(MiniCPMV.from_pretrained(folder, dtype="float32"),
-                      TrainConfig(compute_dtype="float32", lora=lora, train_resampler=False))
+                      TrainConfig(compute_dtype="float32", lora=lora, train_resampler=False, loss_chunk=None))
     state = trainer.init_state()
     # A as initialised (kaiming-uniform); B random instead of zero, else A's gradient would be zero.
     rng = np.random.default_rng(3)

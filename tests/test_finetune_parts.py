@@ -1,11 +1,13 @@
-"""The small pure pieces of fine-tuning: the masked loss (shift, normalisation, empty rows), the learning-
-rate schedule, the weight-decay mask, packing micro-batches for a step, and the configs' JSON round trip."""
+"""The small pure pieces of fine-tuning: the masked loss (shift, normalisation, empty rows) and its chunked
+form, the learning-rate schedule, the weight-decay mask, packing micro-batches for a step, and the configs'
+JSON round trip."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from minicpmv_jax import MiniCPMV
 from minicpmv_jax import orbax_checkpoint as ock
 from minicpmv_jax.finetune.config import DEFAULT_DECAY, LoRAConfig, TrainConfig, first_match
 from minicpmv_jax.finetune.device_batch import pack_batches
-from minicpmv_jax.finetune.loss import loss_sums, mean_loss, token_losses
+from minicpmv_jax.finetune.loss import hidden_loss_sums, loss_sums, mean_loss, token_losses
 from minicpmv_jax.finetune.optim import decay_mask, learning_rate_schedule
 from minicpmv_jax.finetune.train_state import params_tree
 
@@ -35,6 +37,43 @@ def test_loss_is_the_shifted_masked_cross_entropy():
     assert float(mean_loss(empty_total, empty_count)) == 0.0                  # no target: 0, not NaN
     with pytest.raises(ValueError, match="loss_mask"):
         loss_sums(jnp.asarray(logits), jnp.asarray(ids), jnp.zeros((2, 4), bool))
+
+
+def rel_err(a, b) -> float:
+    """max |a − b| / max |b| (as ``tests/reference.py``, without importing torch)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 8, 12, 36])
+def test_chunked_loss_and_gradients_equal_the_full_logits(chunk):
+    """Loss sum and the gradients of hidden states and lm_head kernel: chunked = all logits at once
+    (T = 37; chunks that divide T, that do not, one position, and one chunk short of T)."""
+    rng = np.random.default_rng(2)
+    b, t, d, v = 3, 37, 11, 29
+    hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    mask = rng.random((b, t)) < 0.7
+    mask[2] = False                                                           # a padding row
+    mask = jnp.asarray(mask)
+
+    def loss(hidden, kernel, chunk):
+        head = lambda h: jnp.einsum("BTD,DV->BTV", h, kernel)               # noqa: E731
+        total, count = hidden_loss_sums(hidden, head, ids, mask, chunk)
+        return total, count
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
+    (total, count), grads = grad(hidden, kernel, chunk)
+    (ref_total, ref_count), ref_grads = grad(hidden, kernel, None)
+    expected, _ = loss_sums(jnp.einsum("BTD,DV->BTV", hidden, kernel), ids, mask)
+    assert int(count) == int(ref_count) == int(mask[:, 1:].sum())
+    assert float(ref_total) == float(expected)                                # None: exactly loss_sums
+    assert rel_err(np.asarray(total), np.asarray(ref_total)) <= 1e-5
+    for g, ref in zip(grads, ref_grads):
+        assert rel_err(np.asarray(g), np.asarray(ref)) <= 1e-5
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        hidden_loss_sums(hidden, lambda h: h, ids, mask, 0)
 
 
 def test_learning_rate_schedule():
@@ -98,3 +137,6 @@ def test_configs_round_trip_and_validate():
         TrainConfig(compute_dtype="int8")
     with pytest.raises(ValueError, match="unknown key 'learning_rat'"):
         TrainConfig.from_dict({"learning_rat": 1.0})
+    with pytest.raises(ValueError, match="TrainConfig.loss_chunk"):
+        TrainConfig(loss_chunk=0)
+    assert TrainConfig.from_dict({"loss_chunk": None}).loss_chunk is None

@@ -1,5 +1,6 @@
 """Training behaviour on the tiny model: overfitting a 4-sample set, gradient accumulation equal to one
-big batch, and the eval step (full fine-tuning); LoRA runs with dropout and a trained resampler on an
+big batch, and the eval step (full fine-tuning); images of one size bucket sharing the compiled step with
+the loss and gradients of unpadded pieces; LoRA runs with dropout and a trained resampler on an
 image batch: resume from a checkpoint equal to the uninterrupted run, only adapters (and the resampler)
 change, merged-model logits equal the adapter model's, and the exported folder loads with
 ``MiniCPMV.from_pretrained`` and gives the same logits."""
@@ -20,9 +21,12 @@ from minicpmv_jax import MiniCPMV
 from minicpmv_jax import orbax_checkpoint as ock
 from minicpmv_jax.finetune.checkpoint import TrainCheckpointer
 from minicpmv_jax.finetune.config import LoRAConfig, TrainConfig
+from minicpmv_jax.finetune.device_batch import ImageArrays, TrainBatch
 from minicpmv_jax.finetune.export import export_model, merged_copy
 from minicpmv_jax.finetune.lora import LoRAEinsum
 from minicpmv_jax.finetune.train_step import Trainer
+from minicpmv_jax.image_inputs import feature_slots
+from minicpmv_jax.patches import pack_pieces
 from minicpmv_jax.testing.checkpoint import write_checkpoint
 from reference import rel_err
 
@@ -91,6 +95,58 @@ def test_gradient_accumulation_equals_one_big_batch(base):
     for key in ("loss", "grad_norm", "learning_rate"):
         assert m_a[key] == pytest.approx(m_b[key], rel=1e-5), key
     assert_same_update(before, after_a, before, after_b, FULL_CONFIG.learning_rate)
+
+
+# --------------------------------------------------------------------------- image buckets
+
+
+def _three_images(seed: int, grids: list[tuple[int, int]]) -> dict:
+    rng = np.random.default_rng(seed)
+    return make_batch(rng, [{"tokens": 96, "image": g, "image_at": 3 + i} for i, g in enumerate(grids)], length=96)
+
+
+def _unbucketed(batch: dict, cfg) -> TrainBatch:
+    """``batch`` packed with exactly its pieces and its longest piece's patches (no padding at all)."""
+    pieces = [p for row in batch["pixel_values"] for p in row]
+    longest = max(p.shape[1] * p.shape[2] for p in pieces) // cfg.vision.patch_size ** 2
+    patches, pos_ids, valid, tgt_sizes = pack_pieces(pieces, (longest,), patch_size=cfg.vision.patch_size,
+                                                     side=cfg.vision.num_patches_per_side)
+    feature_index, _ = feature_slots(batch["image_bound"], [len(p) for p in batch["pixel_values"]],
+                                     batch["input_ids"].shape, num_queries=cfg.resampler.num_queries)
+    images = ImageArrays(*(x[None] for x in (patches, pos_ids, valid, tgt_sizes, feature_index)))
+    return TrainBatch(*(batch[k][None] for k in ("input_ids", "attention_mask", "loss_mask")), images)
+
+
+def test_image_sizes_of_one_bucket_share_the_compiled_step(base):
+    """Three pieces of 12–30 patches and three of 9–30: both batches are padded to 4 pieces of 64 patches,
+    so the step compiles once; the loss and every gradient (vision encoder and resampler trained) equal
+    those of the same batch packed without padding."""
+    config = TrainConfig(compute_dtype="float32", train_vision=True, train_resampler=True)
+    trainer = Trainer(_load(base), config)
+    state = trainer.init_state()
+    cfg = trainer.model_config
+    batches = [_three_images(0, [(3, 4), (2, 5), (5, 6)]), _three_images(1, [(3, 3), (6, 5), (4, 4)])]
+    packed = [trainer.pack([b]) for b in batches]
+    assert packed[0].images.patches.shape == packed[1].images.patches.shape == (1, 4, 64, cfg.vision.patch_dim)
+    assert jax.tree.map(np.shape, packed[0]) == jax.tree.map(np.shape, packed[1])
+    results = [trainer.gradients(state, trainer.put_batch(p)) for p in packed]
+    program = trainer._program("grads", packed[0])
+    assert program is trainer._program("grads", packed[1]) and program._cache_size() == 1
+    for batch, (grads, loss, tokens) in zip(batches, results):
+        exact = _unbucketed(batch, cfg)
+        assert exact.images.patches.shape[1:3] == (3, 30)
+        ref_grads, ref_loss, ref_tokens = trainer.gradients(state, trainer.put_batch(exact))
+        assert int(tokens) == int(ref_tokens) > 0
+        assert rel_err(np.asarray(loss), np.asarray(ref_loss)) <= 1e-6
+        ours, ref = _flat(grads), _flat(ref_grads)
+        assert {k[0] for k in ours} == {"llm", "vpm", "resampler"}
+        scale = {t: max(np.abs(g).max() for k, g in ref.items() if k[0] == t) for t in ("llm", "vpm", "resampler")}
+        for key, g in ref.items():
+            assert np.isfinite(ours[key]).all(), key
+            if key[0] != "llm" and key[-2:] == ("k", "bias"):      # exactly 0 (softmax cancels it): rounding noise
+                assert np.abs(ours[key] - g).max() <= 1e-6 * scale[key[0]], key
+                continue
+            assert rel_err(ours[key], g) <= 1e-5, (key, rel_err(ours[key], g))
 
 
 # --------------------------------------------------------------------------- LoRA: resume, merge, export

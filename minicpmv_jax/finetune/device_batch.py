@@ -4,8 +4,13 @@ A train step runs ``A = grad_accum_steps`` micro-batches (a ``lax.scan``), so th
 a leading axis and must share one shape: :func:`pack_batches` left-pads every micro-batch to the largest
 ``[B, L]`` among them (extra rows are padding rows: all-False masks) and packs each micro-batch's image
 pieces for the encoder with the model's own :func:`~minicpmv_jax.image_inputs.build_image_inputs`, then
-pads the piece and patch counts to the largest among them (empty pieces: no valid patch, grid 0×0, used
-by no token). A step without any image carries ``images=None`` and compiles a text-only program.
+pads the piece and patch counts of all of them to one bucket: the piece-count bucket of the largest count
+(:func:`~minicpmv_jax.image_inputs.pieces_bucket`) and the patch-length bucket of the longest piece
+(:func:`~minicpmv_jax.patches.padded_length`), the buckets ``MiniCPMV.compute_logits`` uses. So images of
+other sizes in the same buckets give the same shapes and reuse the compiled step. Padding is masked: empty
+pieces (no valid patch, grid 0×0) are used by no token, padding patches are no piece's keys, so the loss
+and the gradients do not change. A step without any image carries ``images=None`` and compiles a
+text-only program.
 
 The input is the fine-tuning batch contract (issue 7; :class:`minicpmv_jax.finetune.data.FinetuneDataset`
 yields it): ``input_ids`` int [B, L] left-padded with 0, ``attention_mask`` bool [B, L], ``loss_mask`` bool
@@ -28,7 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import sharding
 from minicpmv_jax.config import MiniCPMVConfig
-from minicpmv_jax.image_inputs import build_image_inputs
+from minicpmv_jax.image_inputs import build_image_inputs, pieces_bucket
+from minicpmv_jax.patches import padded_length
 
 __all__ = ["ImageArrays", "TrainBatch", "pack_batches", "batch_shardings", "put_batch"]
 
@@ -110,8 +116,9 @@ def pack_batches(batches: Sequence[Mapping[str, Any]], config: MiniCPMVConfig) -
         packed.append(_images(batch, (rows, length), offset, config, i))
     images = None
     if any(p is not None for p in packed):
-        n = max(p.patches.shape[0] for p in packed if p is not None)
-        p_len = max(p.patches.shape[1] for p in packed if p is not None)
+        # Each micro-batch is bucketed already (build_image_inputs); the step takes the largest bucket.
+        n = pieces_bucket(max(p.patches.shape[0] for p in packed if p is not None))
+        p_len = padded_length(max(p.patches.shape[1] for p in packed if p is not None))
         empty = {"patches": np.zeros((n, p_len, config.vision.patch_dim), np.float32),
                  "pos_ids": np.zeros((n, p_len), np.int32), "valid": np.zeros((n, p_len), bool),
                  "tgt_sizes": np.zeros((n, 2), np.int32),

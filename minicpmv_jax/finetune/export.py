@@ -6,10 +6,11 @@ Orbax tree of every parameter of :class:`~minicpmv_jax.model.MiniCPMV` in our la
 merged first (``W += (alpha/r)·A·B`` in float32, on a copy: the model passed in keeps its adapters), so
 the result is a plain model, loadable without this package's fine-tuning code.
 
-Writing is atomic, with the converter's staging helpers (:mod:`convert_weights._output`): the folder is
-built beside ``dst`` and renamed into place at the end; a failure leaves ``dst`` as it was. Parameters are
-written from wherever they live (sharded arrays: each process writes its shards), then checked against the
-model before the rename.
+Writing is atomic, with the converter's staging helpers (``convert_weights.check_destination`` /
+``staged``): the folder is built beside ``dst`` and renamed into place at the end; a failure leaves ``dst`` as
+it was. Parameters are written with the converter's Orbax settings (``orbax_checkpoint.write_params``) from
+wherever they live (sharded arrays: each process writes its shards), then checked against the model before
+the rename.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ import numpy as np
 from flax import nnx
 
 import minicpmv_jax
-from convert_weights._output import check_destination, staged
-from convert_weights._source import copy_aux_files
+from convert_weights import check_destination, copy_aux_files, staged
 from minicpmv_jax import orbax_checkpoint as ock
 from minicpmv_jax.model import as_dtype
 
@@ -67,20 +67,11 @@ def export_model(model: nnx.Module, dst: str | os.PathLike, *, base_model: str |
     arrays = {ock.tree_key(path): var.get_value() if target is None else var.get_value().astype(target)
               for path, var in flat}
     with staged(dst, overwrite) as tmp:
-        _write_params(os.path.join(tmp, ock.PARAMS_DIR), ock.nest(arrays))
+        ock.write_params(os.path.join(tmp, ock.PARAMS_DIR), ock.nest(arrays))
         copied = copy_aux_files(base, tmp)
         _write_manifest(tmp, base, arrays, copied, None if target is None else target.name, info)
         ock.check_params(tmp, model)        # every parameter of the model, with its shape, before the rename
     return dst
-
-
-def _write_params(path: str, tree: dict) -> None:
-    """One Orbax save of the parameter tree, with the converter's settings (no compression)."""
-    ocp = ock.orbax_v1()
-    ctx = ocp.Context()
-    ctx.array.saving.use_compression = False
-    with ctx:
-        ocp.save_pytree(path, tree)
 
 
 def _write_manifest(folder: str, base: str, arrays: Mapping[tuple, jax.Array], copied: list[str],

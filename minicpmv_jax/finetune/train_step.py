@@ -14,9 +14,11 @@ programs. The loop is the caller's (``minicpmv-jax finetune`` is one)::
 A step (:func:`train_step`) scans over the micro-batches, summing the loss sums, target-token counts and
 the gradients of the loss *sums* (float32, laid out like the parameters); divides once by the step's
 token count; clips by global norm; applies AdamW. Only the trainable parameters are differentiated.
-The forward is the model's own (``model._text_logits`` / ``model._multimodal_logits``: the same image
-packing and feature scatter as ``MiniCPMV.compute_logits``), with LoRA dropout on and reseeded per
-micro-batch from ``fold_in(fold_in(key, step), micro_batch)``.
+The forward is the model's own (:meth:`MiniCPMV.hidden_states <minicpmv_jax.model.MiniCPMV.hidden_states>`:
+the computation of ``MiniCPMV.compute_logits`` up to ``lm_head``, the same image packing and feature
+scatter), with LoRA dropout on and reseeded per micro-batch from ``fold_in(fold_in(key, step), micro_batch)``;
+the loss applies ``lm_head`` itself, in chunks of ``TrainConfig.loss_chunk`` positions
+(:func:`~minicpmv_jax.finetune.loss.hidden_loss_sums`).
 
 Sharding (with a mesh; default rules ``sharding.TRAINING_RULES``, classic FSDP): every parameter —
 trainable, frozen, and each optimizer moment, which has its parameter's layout — on the rules'
@@ -44,24 +46,34 @@ from minicpmv_jax import model as model_lib
 
 from .config import TrainConfig
 from .device_batch import TrainBatch, batch_shardings, pack_batches, put_batch
-from .lora import reseed_lora_dropout, set_lora_dropout
-from .loss import loss_sums, mean_loss
+from .lora import LoRAEinsum, reseed_lora_dropout, set_lora_dropout
+from .loss import hidden_loss_sums, mean_loss
 from .optim import global_norm, make_optimizer
 from .train_state import TrainState, params_state, params_tree, prepare_model, split_model
 
-__all__ = ["Trainer", "forward_logits", "accumulate_gradients", "train_step", "eval_step"]
+__all__ = ["Trainer", "forward_logits", "micro_batch_loss", "accumulate_gradients", "train_step", "eval_step"]
 
 
 # --------------------------------------------------------------------------- pure steps
 
 
-def forward_logits(model: nnx.Module, ids: jax.Array, mask: jax.Array, images) -> jax.Array:
-    """Float32 logits ``[B, L, V]`` of one micro-batch (call under jit): the model's own forward."""
-    graphdef, state = nnx.split(model)
-    if images is None:
-        return model_lib._text_logits(graphdef, state, ids, mask)
-    return model_lib._multimodal_logits(graphdef, state, ids, mask, images.patches, images.pos_ids, images.valid,
-                                        images.tgt_sizes, images.feature_index)
+def forward_logits(model: model_lib.MiniCPMV, ids: jax.Array, mask: jax.Array, images) -> jax.Array:
+    """Float32 logits ``[B, L, V]`` of one micro-batch (call under jit): :meth:`MiniCPMV.forward`."""
+    return model.forward(ids, mask, images)
+
+
+def micro_batch_loss(model: model_lib.MiniCPMV, ids: jax.Array, mask: jax.Array, targets: jax.Array, images,
+                     loss_chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """(loss sum, target-token count) of one micro-batch ``[B, L]`` (call under jit / grad).
+
+    The model's hidden states, then ``lm_head`` and the cross-entropy in chunks of ``loss_chunk`` positions
+    (:func:`~minicpmv_jax.finetune.loss.hidden_loss_sums`). An ``lm_head`` with LoRA dropout draws a mask per
+    call, so it is never chunked.
+    """
+    head = model.llm.lm_head
+    if isinstance(head, LoRAEinsum) and head.dropout is not None and not head.dropout.deterministic:
+        loss_chunk = None
+    return hidden_loss_sums(model.hidden_states(ids, mask, images), model.llm.logits, ids, targets, loss_chunk)
 
 
 def _micro_batches(batch: TrainBatch) -> tuple:
@@ -69,31 +81,33 @@ def _micro_batches(batch: TrainBatch) -> tuple:
     return batch.input_ids, batch.attention_mask, batch.loss_mask, batch.images
 
 
-def _micro_loss(params, frozen, rest, micro, key, *, graphdef, paths, dropout: bool):
+def _micro_loss(params, frozen, rest, micro, key, *, graphdef, paths, dropout: bool, loss_chunk: int | None = None):
     """(loss sum, token count) of one micro-batch as a function of the trainable parameters."""
     model = nnx.merge(graphdef, params_state(params, paths), frozen, rest, copy=True)   # Variables of this trace
     if dropout:
         set_lora_dropout(model, True)
         reseed_lora_dropout(model, key)
     ids, mask, targets, images = micro
-    return loss_sums(forward_logits(model, ids, mask, images), ids, targets)
+    return micro_batch_loss(model, ids, mask, targets, images, loss_chunk)
 
 
 def accumulate_gradients(params, frozen: nnx.State, rest: nnx.State, batch: TrainBatch, key: jax.Array | None, *,
-                         graphdef, paths, dropout: bool, grad_shardings=None) -> tuple[Any, jax.Array, jax.Array]:
+                         graphdef, paths, dropout: bool, grad_shardings=None, loss_chunk: int | None = None
+                         ) -> tuple[Any, jax.Array, jax.Array]:
     """Gradient of the step's mean loss over all micro-batches of ``batch`` (pure).
 
     Scans the micro-batches, adding up their loss sums, target-token counts and the gradients of their
     loss sums (float32), then divides both by the step's token count once. Micro-batch i's LoRA dropout
     uses ``fold_in(key, i)``. ``grad_shardings`` (a tree like ``params``) pins the accumulator to the
-    parameters' layout, so it is split like them instead of wherever XLA would put it. Returns
-    ``(grads like params, mean loss, token count)``.
+    parameters' layout, so it is split like them instead of wherever XLA would put it. ``loss_chunk``: see
+    :func:`micro_batch_loss`. Returns ``(grads like params, mean loss, token count)``.
     """
     def pin(tree):
         return tree if grad_shardings is None else jax.lax.with_sharding_constraint(tree, grad_shardings)
 
     loss_and_grad = jax.value_and_grad(
-        functools.partial(_micro_loss, graphdef=graphdef, paths=paths, dropout=dropout), has_aux=True)
+        functools.partial(_micro_loss, graphdef=graphdef, paths=paths, dropout=dropout, loss_chunk=loss_chunk),
+        has_aux=True)
 
     def accumulate(carry, xs):
         grads, total, count = carry
@@ -112,8 +126,8 @@ def accumulate_gradients(params, frozen: nnx.State, rest: nnx.State, batch: Trai
 
 
 def train_step(state: TrainState, frozen: nnx.State, rest: nnx.State, batch: TrainBatch, *, graphdef, paths,
-               tx: optax.GradientTransformation, schedule, dropout: bool, grad_shardings=None
-               ) -> tuple[TrainState, dict]:
+               tx: optax.GradientTransformation, schedule, dropout: bool, grad_shardings=None,
+               loss_chunk: int | None = None) -> tuple[TrainState, dict]:
     """One optimizer update over the micro-batches of ``batch`` (pure; :class:`Trainer` jits it).
 
     Returns the new state and metrics: ``loss`` (mean over the step's target tokens), ``tokens``,
@@ -121,7 +135,8 @@ def train_step(state: TrainState, frozen: nnx.State, rest: nnx.State, batch: Tra
     """
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grads, loss, count = accumulate_gradients(state.params, frozen, rest, batch, step_key, graphdef=graphdef,
-                                              paths=paths, dropout=dropout, grad_shardings=grad_shardings)
+                                              paths=paths, dropout=dropout, grad_shardings=grad_shardings,
+                                              loss_chunk=loss_chunk)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state, rng=state.rng)
@@ -130,14 +145,15 @@ def train_step(state: TrainState, frozen: nnx.State, rest: nnx.State, batch: Tra
     return new_state, metrics
 
 
-def eval_step(params, frozen: nnx.State, rest: nnx.State, batch: TrainBatch, *, graphdef, paths) -> dict:
+def eval_step(params, frozen: nnx.State, rest: nnx.State, batch: TrainBatch, *, graphdef, paths,
+              loss_chunk: int | None = None) -> dict:
     """Loss of ``batch`` without dropout: ``loss_sum``, ``tokens`` and their ratio ``loss`` (pure).
 
     Sum ``loss_sum`` and ``tokens`` over an evaluation set and divide once for its exact mean loss.
     """
     def one(carry, micro):
         micro_total, micro_count = _micro_loss(params, frozen, rest, micro, None, graphdef=graphdef, paths=paths,
-                                               dropout=False)
+                                               dropout=False, loss_chunk=loss_chunk)
         return (carry[0] + micro_total, carry[1] + micro_count), None
 
     (total, count), _ = jax.lax.scan(one, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)),
@@ -275,7 +291,7 @@ class Trainer:
         if key in _PROGRAMS:
             _PROGRAMS.move_to_end(key)
             return _PROGRAMS[key]
-        common = dict(graphdef=self.graphdef, paths=self.paths)
+        common = dict(graphdef=self.graphdef, paths=self.paths, loss_chunk=self.config.loss_chunk)
         params, replicated = self._param_shardings, None
         if self.mesh is not None:
             replicated = self._replicated()

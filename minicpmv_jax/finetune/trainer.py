@@ -60,7 +60,7 @@ LOG_FILE = "log.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
 # TrainConfig fields a resumed run may change (every other difference is an error).
-_RESUMABLE_CHANGES = ("total_steps",)
+_RESUMABLE_CHANGES = ("total_steps", "loss_chunk")   # loss_chunk changes no result, only memory
 
 
 @dataclasses.dataclass(frozen=True)
