@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minicpmv_jax.layers import Einsum
+from minicpmv_jax.layers import Einsum, batch_einsum
 
 from .config import LoRAConfig, first_match, path_name
 
@@ -105,8 +105,8 @@ class LoRAEinsum(nnx.Module):
         y = self.base(x)
         h = x if self.dropout is None else self.dropout(x)
         dtype = self.base.dtype
-        z = jnp.einsum(self.eq_a, h.astype(dtype), self.lora_a[...].astype(dtype))
-        z = jnp.einsum(self.eq_b, z, self.lora_b[...].astype(dtype))
+        z = batch_einsum(self.eq_a, h.astype(dtype), self.lora_a[...].astype(dtype))
+        z = batch_einsum(self.eq_b, z, self.lora_b[...].astype(dtype))
         return y + (self.scale * z).astype(y.dtype)
 
     def delta(self) -> jax.Array:
