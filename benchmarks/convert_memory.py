@@ -129,7 +129,9 @@ def write_only(src: str, dst: str) -> float:
     """Seconds for the converter's partial saves of ``src``'s parameters from memory already filled.
 
     Every parameter is a view of one buffer of the largest parameter's size (filled once, before timing),
-    saved in the converter's groups and context, one save at a time as the converter does.
+    saved in the converter's context, one save at a time as the converter does, in groups closed by the
+    converter's byte budget (``_convert.GROUP_BYTES``; the converter also closes a group early when its
+    ring of host memory is full, which this leaves out: no ring is filled here).
     """
     from convert_weights import _convert
     from convert_weights._ring import Ring
@@ -155,7 +157,7 @@ def write_only(src: str, dst: str) -> float:
     groups.append(group)
     path = os.path.join(dst, "params")
     t = time.perf_counter()
-    with _convert.save_context():
+    with ock.save_context():
         for group in groups:
             _convert._write_group(path, ock.nest(group)).result()
         ock.orbax_v1().partial.finalize(path)

@@ -21,9 +21,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import datetime
-import importlib.metadata
-import json
 import os
 import sys
 import time
@@ -32,7 +29,6 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-import minicpmv_jax
 from minicpmv_jax import checkpoint_names as names
 from minicpmv_jax import orbax_checkpoint as ock
 from minicpmv_jax.config import MiniCPMVConfig
@@ -160,7 +156,7 @@ def write_params(path: str, jobs: list[Job], reader: RowReader, budget: int,
         ring.seal(in_flight.wait)
         group, group_bytes = {}, 0
 
-    with save_context():
+    with ock.save_context():
         try:
             for job in jobs:
                 if group and (group_bytes + job.nbytes > budget or not ring.fits(job.nbytes)):
@@ -189,12 +185,6 @@ def write_params(path: str, jobs: list[Job], reader: RowReader, budget: int,
     if len(stored) != len(jobs):
         raise ConvertError(f"{path}: holds {len(stored)} arrays, {len(jobs)} were written")
     return fill_s, waited[0]
-
-
-def save_context():
-    """The Orbax context of every partial save (:func:`minicpmv_jax.orbax_checkpoint.save_context`: arrays
-    saved as they are, uncompressed)."""
-    return ock.save_context()
 
 
 class _Save:
@@ -266,31 +256,15 @@ def _read_rows(reader: RowReader, name: str, start: int, out: np.ndarray, progre
 
 def _write_manifest(folder: str, src: str, source_folder: str, ckpt: HFCheckpoint, out_dtype, result,
                     copied: list[str]) -> None:
-    manifest = {
-        "format": ock.FORMAT,
-        "format_version": ock.FORMAT_VERSION,
-        "tool": {"minicpmv-jax": minicpmv_jax.__version__, **_versions("orbax-checkpoint", "jax", "numpy")},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"location": src, "folder": os.path.abspath(source_folder), "files": describe_files(ckpt),
-                   "dtypes": dict(collections.Counter(i.dtype for i in ckpt.tensors.values()))},
-        "dtype": {"requested": None if out_dtype is None else out_dtype.name, "stored": result.stored_dtypes},
-        "params": {"folder": ock.PARAMS_DIR, "arrays": result.num_arrays, "parameters": result.num_parameters,
-                   "bytes": result.bytes_written},
-        "ignored_tensors": list(result.ignored_tensors),
-        "copied_files": copied,
-        "timing": {"fill_s": round(result.fill_seconds, 3), "wait_for_writes_s": round(result.wait_seconds, 3)},
-    }
-    with open(os.path.join(folder, ock.MANIFEST_FILE), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-
-
-def _versions(*packages: str) -> dict[str, str]:
-    out = {}
-    for p in packages:
-        try:
-            out[p] = importlib.metadata.version(p)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+    ock.write_manifest(
+        folder,
+        source={"location": src, "folder": os.path.abspath(source_folder), "files": describe_files(ckpt),
+                "dtypes": dict(collections.Counter(i.dtype for i in ckpt.tensors.values()))},
+        dtype={"requested": None if out_dtype is None else out_dtype.name, "stored": result.stored_dtypes},
+        params={"folder": ock.PARAMS_DIR, "arrays": result.num_arrays, "parameters": result.num_parameters,
+                "bytes": result.bytes_written},
+        ignored_tensors=list(result.ignored_tensors),
+        copied_files=copied,
+        timing={"fill_s": round(result.fill_seconds, 3), "wait_for_writes_s": round(result.wait_seconds, 3)},
+    )
 

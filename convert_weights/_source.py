@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from minicpmv_jax.hf_checkpoint import INDEX_FILE, CheckpointError, HFCheckpoint
+from minicpmv_jax.orbax_checkpoint import MANIFEST_FILE
 
 from ._errors import ConvertError
 
@@ -63,9 +64,10 @@ def resolve_source(src: str | os.PathLike) -> str:
 
 
 def aux_files(folder: str) -> list[str]:
-    """Names of the non-weight files to copy (config, tokenizer, preprocessor, generation config)."""
+    """Names of the non-weight files to copy (config, tokenizer, preprocessor, generation config); never
+    the weight index, nor the manifest of a converted folder (each converted folder writes its own)."""
     return sorted(name for name in os.listdir(folder)
-                  if os.path.isfile(os.path.join(folder, name)) and name != INDEX_FILE
+                  if os.path.isfile(os.path.join(folder, name)) and name not in (INDEX_FILE, MANIFEST_FILE)
                   and any(fnmatch.fnmatch(name, p) for p in AUX_PATTERNS))
 
 

@@ -20,6 +20,8 @@ that a host also *reads* only its shards' bytes, belongs with sharded loading.
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import os
 from typing import Any, Iterator, Mapping
@@ -77,6 +79,38 @@ def write_params(path: str | os.PathLike, tree: Mapping[str, Any]) -> str:
     with save_context():
         ocp.save_pytree(path, dict(tree))
     return path
+
+
+def write_manifest(folder: str | os.PathLike, **fields: Any) -> None:
+    """Writes ``folder``'s :data:`MANIFEST_FILE`: the format, format version, tool versions and creation time
+    every converted folder records, then ``fields`` (JSON-able; e.g. ``source``, ``dtype``, ``params``,
+    ``copied_files``) — the converter's and fine-tuning's export alike."""
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool": _versions("minicpmv-jax", "orbax-checkpoint", "jax", "numpy"),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **fields,
+    }
+    with open(os.path.join(folder, MANIFEST_FILE), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, default=str)
+        f.write("\n")
+
+
+def _versions(*packages: str) -> dict[str, str]:
+    """Installed versions of ``packages`` (those installed); ``minicpmv-jax`` is this package's own."""
+    from minicpmv_jax import __version__  # the package imports this module: read at call time
+
+    out = {}
+    for p in packages:
+        if p == "minicpmv-jax":
+            out[p] = __version__
+            continue
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 # --------------------------------------------------------------------------- tree keys

@@ -16,8 +16,6 @@ the rename.
 from __future__ import annotations
 
 import collections
-import datetime
-import json
 import os
 from typing import Any, Mapping
 
@@ -25,7 +23,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-import minicpmv_jax
 from convert_weights import check_destination, copy_aux_files, staged
 from minicpmv_jax import orbax_checkpoint as ock
 from minicpmv_jax.model import as_dtype
@@ -76,20 +73,14 @@ def export_model(model: nnx.Module, dst: str | os.PathLike, *, base_model: str |
 
 def _write_manifest(folder: str, base: str, arrays: Mapping[tuple, jax.Array], copied: list[str],
                     requested: str | None, info: Mapping[str, Any] | None) -> None:
-    dtypes = collections.Counter(np.dtype(a.dtype).name for a in arrays.values())
-    manifest = {
-        "format": ock.FORMAT,
-        "format_version": ock.FORMAT_VERSION,
-        "tool": {"minicpmv-jax": minicpmv_jax.__version__},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"location": base, "folder": os.path.abspath(base), "exported_from": "fine-tuning"},
-        "dtype": {"requested": requested, "stored": dict(dtypes)},
-        "params": {"folder": ock.PARAMS_DIR, "arrays": len(arrays),
-                   "parameters": int(sum(a.size for a in arrays.values())),
-                   "bytes": int(sum(a.size * np.dtype(a.dtype).itemsize for a in arrays.values()))},
-        "copied_files": [c for c in copied if c != ock.MANIFEST_FILE],
-        "finetune": dict(info or {}),
-    }
-    with open(os.path.join(folder, ock.MANIFEST_FILE), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, default=str)
-        f.write("\n")
+    ock.write_manifest(
+        folder,
+        source={"location": base, "folder": os.path.abspath(base), "exported_from": "fine-tuning"},
+        dtype={"requested": requested,
+               "stored": dict(collections.Counter(np.dtype(a.dtype).name for a in arrays.values()))},
+        params={"folder": ock.PARAMS_DIR, "arrays": len(arrays),
+                "parameters": int(sum(a.size for a in arrays.values())),
+                "bytes": int(sum(a.size * np.dtype(a.dtype).itemsize for a in arrays.values()))},
+        copied_files=copied,
+        finetune=dict(info or {}),
+    )
