@@ -155,9 +155,8 @@ def _datasets(args: argparse.Namespace, processor):
 def _finetune(args: argparse.Namespace) -> int:
     import sharding
     from minicpmv_jax import MiniCPMV, MiniCPMVProcessor
-    from minicpmv_jax.demo import DEMO_NAME, DEMO_NOTICE
+    from minicpmv_jax.cli_generate import model_folder
     from minicpmv_jax.finetune.trainer import LoopConfig, check_output, fit
-    from minicpmv_jax.hub import resolve_model
 
     # Cheap checks first: the model may take minutes to load.
     if not 0.0 <= args.lora_dropout < 1.0:
@@ -169,9 +168,7 @@ def _finetune(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.data):
         raise FileNotFoundError(f"--data {args.data}: no such file")
 
-    if args.model == DEMO_NAME:
-        print(DEMO_NOTICE, file=sys.stderr)
-    folder = resolve_model(args.model)
+    folder = model_folder(args.model)
     processor = MiniCPMVProcessor.from_pretrained(folder)
     train_data, eval_data = _datasets(args, processor)
     batches = train_data.steps_per_epoch()

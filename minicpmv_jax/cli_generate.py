@@ -90,14 +90,21 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def _load(args: argparse.Namespace):
-    from minicpmv_jax import MiniCPMV, MiniCPMVProcessor
+def model_folder(model: str) -> str:
+    """``--model``'s local folder (a Hub id downloaded and converted, ``demo`` built), with the demo's
+    notice on stderr."""
     from minicpmv_jax.demo import DEMO_NAME, DEMO_NOTICE
     from minicpmv_jax.hub import resolve_model
 
-    if args.model == DEMO_NAME:
+    if model == DEMO_NAME:
         print(DEMO_NOTICE, file=sys.stderr)
-    folder = resolve_model(args.model)
+    return resolve_model(model)
+
+
+def _load(args: argparse.Namespace):
+    from minicpmv_jax import MiniCPMV, MiniCPMVProcessor
+
+    folder = model_folder(args.model)
     return MiniCPMV.from_pretrained(folder, dtype=args.dtype), MiniCPMVProcessor.from_pretrained(folder)
 
 

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import sharding
 
-__all__ = ["put", "fetch"]
+__all__ = ["put", "place", "fetch"]
 
 
 def put(x: Any, mesh=None, batch_axis: bool = True) -> jax.Array:
@@ -26,7 +26,13 @@ def put(x: Any, mesh=None, batch_axis: bool = True) -> jax.Array:
     if mesh is None:
         return jnp.asarray(x)
     x = np.asarray(x)
-    target = sharding.batch_sharding(x.shape, mesh) if batch_axis else NamedSharding(mesh, PartitionSpec())
+    return place(x, sharding.batch_sharding(x.shape, mesh) if batch_axis else NamedSharding(mesh, PartitionSpec()))
+
+
+def place(x: Any, target: jax.sharding.Sharding) -> jax.Array:
+    """Host array ``x`` laid out as ``target``: each local device receives its slice (every process passes
+    the same ``x``)."""
+    x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 
 

@@ -16,7 +16,7 @@ Shape letters as in ``layers.py``: N pieces, P patches, C patch channels, Q resa
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,11 @@ import numpy as np
 
 from minicpmv_jax.patches import DEFAULT_PATCH_BUCKETS, pack_pieces
 
-__all__ = ["ImageInputs", "build_image_inputs", "feature_slots", "pack_for_encoder", "place_features",
-           "pieces_bucket"]
+if TYPE_CHECKING:
+    from minicpmv_jax.config import MiniCPMVConfig
+
+__all__ = ["ImageInputs", "batch_image_inputs", "build_image_inputs", "feature_slots", "pack_for_encoder",
+           "place_features", "pieces_bucket"]
 
 
 #: Piece-batch sizes: powers of two, plus 10 — one image at the default max_slice_nums=9 (overview and a
@@ -148,6 +151,20 @@ def build_image_inputs(
     patches, pos_ids, valid, tgt_sizes = pack_for_encoder(pieces, patch_size=patch_size, side=side,
                                                           buckets=buckets)
     return ImageInputs(patches, pos_ids, valid, tgt_sizes, feature_index, len(used))
+
+
+def batch_image_inputs(batch: Mapping[str, Any], shape: tuple[int, int], offsets: Sequence[int],
+                       config: "MiniCPMVConfig") -> ImageInputs | None:
+    """:func:`build_image_inputs` of a processor batch (``image_bound``, ``pixel_values``) with ``config``'s
+    resampler queries, patch size and position grid; None for a text-only batch."""
+    bounds = batch.get("image_bound")
+    if bounds is None or not any(len(bd) for bd in bounds):
+        return None
+    pixel_values = batch.get("pixel_values")
+    if pixel_values is None:
+        raise ValueError("the batch has image_bound spans but no pixel_values")
+    return build_image_inputs(pixel_values, bounds, shape, offsets, num_queries=config.resampler.num_queries,
+                              patch_size=config.vision.patch_size, side=config.vision.num_patches_per_side)
 
 
 def place_features(x: jax.Array, features: jax.Array, feature_index: jax.Array) -> jax.Array:

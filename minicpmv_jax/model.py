@@ -27,7 +27,7 @@ from . import orbax_checkpoint
 from .config import MiniCPMVConfig
 from .hf_checkpoint import CheckpointError, HFCheckpoint  # noqa: F401 (CheckpointError re-exported)
 from .host import fetch, put
-from .image_inputs import ImageInputs, build_image_inputs, place_features
+from .image_inputs import ImageInputs, batch_image_inputs, place_features
 from .qwen2 import Qwen2, positions_from_mask
 from .qwen2 import attention_mask as causal_mask
 from .resampler import Resampler
@@ -182,16 +182,7 @@ class MiniCPMV(nnx.Module):
     def _image_inputs(self, batch: Mapping[str, Any], shape: tuple[int, int],
                       offsets: list[int]) -> ImageInputs | None:
         """The batch's pieces packed for the vision tower, or None for a text-only batch."""
-        bounds = batch.get("image_bound")
-        if bounds is None or not any(len(bd) for bd in bounds):
-            return None
-        pixel_values = batch.get("pixel_values")
-        if pixel_values is None:
-            raise ValueError("the batch has image_bound spans but no pixel_values")
-        cfg = self.config
-        return build_image_inputs(pixel_values, bounds, shape, offsets,
-                                  num_queries=cfg.resampler.num_queries, patch_size=cfg.vision.patch_size,
-                                  side=cfg.vision.num_patches_per_side)
+        return batch_image_inputs(batch, shape, offsets, self.config)
 
     def encode_images(self, patches: jax.Array, pos_ids: jax.Array, valid: jax.Array,
                       tgt_sizes: jax.Array) -> jax.Array:

@@ -33,8 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import sharding
 from minicpmv_jax.config import MiniCPMVConfig
-from minicpmv_jax.image_inputs import build_image_inputs, pieces_bucket
-from minicpmv_jax.patches import padded_length
+from minicpmv_jax.host import place
+from minicpmv_jax.image_inputs import batch_image_inputs
 
 __all__ = ["ImageArrays", "TrainBatch", "pack_batches", "batch_shardings", "put_batch"]
 
@@ -116,9 +116,10 @@ def pack_batches(batches: Sequence[Mapping[str, Any]], config: MiniCPMVConfig) -
         packed.append(_images(batch, (rows, length), offset, config, i))
     images = None
     if any(p is not None for p in packed):
-        # Each micro-batch is bucketed already (build_image_inputs); the step takes the largest bucket.
-        n = pieces_bucket(max(p.patches.shape[0] for p in packed if p is not None))
-        p_len = padded_length(max(p.patches.shape[1] for p in packed if p is not None))
+        # Each micro-batch is bucketed already (build_image_inputs: piece and patch buckets, closed under
+        # max), so the step takes the largest micro-batch's buckets.
+        n = max(p.patches.shape[0] for p in packed if p is not None)
+        p_len = max(p.patches.shape[1] for p in packed if p is not None)
         empty = {"patches": np.zeros((n, p_len, config.vision.patch_dim), np.float32),
                  "pos_ids": np.zeros((n, p_len), np.int32), "valid": np.zeros((n, p_len), bool),
                  "tgt_sizes": np.zeros((n, 2), np.int32),
@@ -130,16 +131,8 @@ def pack_batches(batches: Sequence[Mapping[str, Any]], config: MiniCPMVConfig) -
 
 def _images(batch: Mapping[str, Any], shape: tuple[int, int], offset: int, config: MiniCPMVConfig, i: int):
     """One micro-batch's pieces packed for the encoder (``ImageInputs``), or None without images."""
-    bounds = batch.get("image_bound")
-    if bounds is None or not any(len(bd) for bd in bounds):
-        return None
-    pixel_values = batch.get("pixel_values")
-    if pixel_values is None:
-        raise ValueError(f"micro-batch {i}: image_bound spans but no pixel_values")
     try:
-        return build_image_inputs(pixel_values, bounds, shape, [offset] * len(bounds),
-                                  num_queries=config.resampler.num_queries, patch_size=config.vision.patch_size,
-                                  side=config.vision.num_patches_per_side)
+        return batch_image_inputs(batch, shape, [offset] * len(batch["input_ids"]), config)
     except ValueError as e:
         raise ValueError(f"micro-batch {i}: {e}") from None
 
@@ -161,9 +154,4 @@ def put_batch(batch: TrainBatch, mesh: jax.sharding.Mesh | None, rules: sharding
     host arrays), or on the default device without a mesh."""
     if mesh is None:
         return jax.tree.map(jax.numpy.asarray, batch)
-
-    def place(x: np.ndarray, target: NamedSharding) -> jax.Array:
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
-
     return jax.tree.map(place, batch, batch_shardings(batch, mesh, rules))

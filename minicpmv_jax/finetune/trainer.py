@@ -178,8 +178,7 @@ def evaluate(trainer: Trainer, state: TrainState, dataset: FinetuneDataset, pref
     """Mean loss of ``state`` over every target token of ``dataset`` (one epoch in its batch order, no
     dropout): ``{"eval_loss", "eval_tokens", "eval_samples"}``."""
     total, tokens = 0.0, 0
-    packed = ((trainer.pack([b]),) for b in dataset.batches(epoch=0))
-    for (batch,) in prefetch(packed, prefetch_batches):
+    for batch in prefetch((trainer.pack([b]) for b in dataset.batches(epoch=0)), prefetch_batches):
         out = jax.device_get(trainer.eval_step(state, trainer.put_batch(batch)))
         total += float(out["loss_sum"])
         tokens += int(out["tokens"])
