@@ -28,8 +28,7 @@ from .config import MiniCPMVConfig
 from .hf_checkpoint import CheckpointError, HFCheckpoint  # noqa: F401 (CheckpointError re-exported)
 from .host import fetch, put
 from .image_inputs import ImageInputs, batch_image_inputs, place_features
-from .qwen2 import Qwen2, positions_from_mask
-from .qwen2 import attention_mask as causal_mask
+from .qwen2 import Qwen2
 from .resampler import Resampler
 from .vision import VisionEncoder
 
@@ -168,13 +167,12 @@ class MiniCPMV(nnx.Module):
         mask_p[:b, bl - length:] = mask.astype(bool)
         images = self._image_inputs(batch, (bb, bl), [bl - length] * b)
         graphdef, state = nnx.split(self)
-        if images is None:
-            logits = _text_logits(graphdef, state, self.put(ids_p), self.put(mask_p))
-        else:
+        packed = None
+        if images is not None:
             vision = [self.put(a, batch_axis=False) for a in (images.patches, images.pos_ids, images.valid,
                                                               images.tgt_sizes)]
-            logits = _multimodal_logits(graphdef, state, self.put(ids_p), self.put(mask_p), *vision,
-                                        self.put(images.feature_index))
+            packed = PackedImages(*vision, self.put(images.feature_index))
+        logits = _logits(graphdef, state, self.put(ids_p), self.put(mask_p), packed)
         if not logits.is_fully_addressable:  # multi-host: every process gets the whole result
             return fetch(logits)[:b, bl - length:]
         return logits[:b, bl - length:]
@@ -225,11 +223,7 @@ class MiniCPMV(nnx.Module):
         :mod:`minicpmv_jax.finetune.loss`). Respects ``llm.remat`` and the activation constraints of
         :meth:`shard`.
         """
-        x = self.input_embeddings(input_ids, images)                           # [B, T, D]
-        positions = positions_from_mask(attention_mask)                          # [B, T], as Qwen2.forward_embeddings
-        mask = causal_mask(attention_mask, 0, x.shape[1])                        # [B, T, T]
-        hidden, _ = self.llm.hidden_states(x, positions, mask)
-        return hidden
+        return self.llm.final_hidden(self.input_embeddings(input_ids, images), attention_mask)
 
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array,
                 images: PackedImages | None = None) -> jax.Array:
@@ -279,13 +273,7 @@ def _encode(graphdef, state, patches, pos_ids, valid, tgt_sizes):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _text_logits(graphdef, state, ids, mask):
-    return nnx.merge(graphdef, state).forward(ids, mask)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _multimodal_logits(graphdef, state, ids, mask, patches, pos_ids, valid, tgt_sizes, feature_index):
-    images = PackedImages(patches, pos_ids, valid, tgt_sizes, feature_index)
+def _logits(graphdef, state, ids, mask, images: PackedImages | None):
     return nnx.merge(graphdef, state).forward(ids, mask, images)
 
 

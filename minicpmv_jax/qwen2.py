@@ -223,17 +223,18 @@ class Qwen2(nnx.Module):
         """hidden [B, T, D] → float32 logits [B, T, V]."""
         return self.lm_head(hidden).astype(jnp.float32)
 
-    def forward_embeddings(self, x: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
-        """Full forward without a cache from embeddings x [B, T, D] (left-padded mask [B, T]) → float32
-        logits [B, T, V]. The multimodal model enters here with image features already in place."""
+    def final_hidden(self, x: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
+        """Full forward without a cache from embeddings x [B, T, D] (left-padded mask [B, T]) → the final
+        hidden states [B, T, D] (after the last norm, before ``lm_head``). The multimodal model enters here
+        with image features already in place."""
         positions = positions_from_mask(attention_mask_bt)
         mask = attention_mask(attention_mask_bt, 0, x.shape[1])
         hidden, _ = self.hidden_states(x, positions, mask)
-        return self.logits(hidden)
+        return hidden
 
     def __call__(self, ids: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
         """Full forward without a cache: ids [B, T], left-padded mask [B, T] → float32 logits [B, T, V]."""
-        return self.forward_embeddings(self.embed(ids), attention_mask_bt)
+        return self.logits(self.final_hidden(self.embed(ids), attention_mask_bt))
 
 
 @nnx.remat

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import sharding
 from minicpmv_jax.layers import Einsum, batch_einsum
 
 from .config import LoRAConfig, first_match, path_name
@@ -91,7 +92,7 @@ class LoRAEinsum(nnx.Module):
         self.eq_a, self.eq_b, self.eq_merge, in_axes, out_axes = lora_equations(base.equation)
         kernel = base.kernel
         shape = tuple(kernel.get_value().shape)
-        axes = tuple(kernel.get_metadata().get("out_sharding") or (None,) * len(shape))
+        axes = sharding.logical_axes_of(kernel)
         a_shape = tuple(shape[i] for i in in_axes) + (rank,)
         b_shape = (rank,) + tuple(shape[i] for i in out_axes)
         fan_in = math.prod(shape[i] for i in in_axes)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -23,7 +22,7 @@ from minicpmv_jax import orbax_checkpoint as ock
 
 from .config import TrainConfig, first_match
 
-__all__ = ["learning_rate_schedule", "decay_mask", "make_optimizer", "global_norm"]
+__all__ = ["learning_rate_schedule", "decay_mask", "make_optimizer"]
 
 
 def learning_rate_schedule(config: TrainConfig):
@@ -59,8 +58,3 @@ def make_optimizer(config: TrainConfig, params: Mapping[str, Any]) -> tuple[opta
     if config.max_grad_norm is None:
         return adamw, schedule
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw), schedule
-
-
-def global_norm(tree) -> jax.Array:
-    """The L2 norm of all leaves together (float32), as clipping sees it."""
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))

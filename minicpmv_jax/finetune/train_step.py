@@ -48,18 +48,13 @@ from .config import TrainConfig
 from .device_batch import TrainBatch, batch_shardings, pack_batches, put_batch
 from .lora import LoRAEinsum, reseed_lora_dropout, set_lora_dropout
 from .loss import hidden_loss_sums, mean_loss
-from .optim import global_norm, make_optimizer
+from .optim import make_optimizer
 from .train_state import TrainState, params_state, params_tree, prepare_model, split_model
 
-__all__ = ["Trainer", "forward_logits", "micro_batch_loss", "accumulate_gradients", "train_step", "eval_step"]
+__all__ = ["Trainer", "step_key", "micro_batch_loss", "accumulate_gradients", "train_step", "eval_step"]
 
 
 # --------------------------------------------------------------------------- pure steps
-
-
-def forward_logits(model: model_lib.MiniCPMV, ids: jax.Array, mask: jax.Array, images) -> jax.Array:
-    """Float32 logits ``[B, L, V]`` of one micro-batch (call under jit): :meth:`MiniCPMV.forward`."""
-    return model.forward(ids, mask, images)
 
 
 def micro_batch_loss(model: model_lib.MiniCPMV, ids: jax.Array, mask: jax.Array, targets: jax.Array, images,
@@ -74,6 +69,11 @@ def micro_batch_loss(model: model_lib.MiniCPMV, ids: jax.Array, mask: jax.Array,
     if isinstance(head, LoRAEinsum) and head.dropout is not None and not head.dropout.deterministic:
         loss_chunk = None
     return hidden_loss_sums(model.hidden_states(ids, mask, images), model.llm.logits, ids, targets, loss_chunk)
+
+
+def step_key(state: TrainState) -> jax.Array:
+    """The random key of ``state``'s next update (LoRA dropout): its seed folded with its step."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
 def _micro_batches(batch: TrainBatch) -> tuple:
@@ -133,14 +133,13 @@ def train_step(state: TrainState, frozen: nnx.State, rest: nnx.State, batch: Tra
     Returns the new state and metrics: ``loss`` (mean over the step's target tokens), ``tokens``,
     ``grad_norm`` (before clipping) and ``learning_rate`` (of this update).
     """
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grads, loss, count = accumulate_gradients(state.params, frozen, rest, batch, step_key, graphdef=graphdef,
+    grads, loss, count = accumulate_gradients(state.params, frozen, rest, batch, step_key(state), graphdef=graphdef,
                                               paths=paths, dropout=dropout, grad_shardings=grad_shardings,
                                               loss_chunk=loss_chunk)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state, rng=state.rng)
-    metrics = {"loss": loss, "tokens": count, "grad_norm": global_norm(grads),
+    metrics = {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads),   # float32: accumulated in float32
                "learning_rate": jnp.asarray(schedule(state.step), jnp.float32)}
     return new_state, metrics
 
@@ -192,6 +191,7 @@ class Trainer:
         self.model_config = model.config
         self.mesh = mesh if mesh is not None else getattr(model, "mesh", None)
         self.rules = sharding.check_rules(rules)
+        self._programs: dict = {}        # (kind, batch shapes) → this trainer's programs, also in _PROGRAMS
         self.lora_targets = prepare_model(model, config)
         if self.mesh is not None:
             model.shard(self.mesh, self.rules)      # the adapters too; activations in the training layout
@@ -281,16 +281,19 @@ class Trainer:
     def gradients(self, state: TrainState, batch: TrainBatch) -> tuple[Any, jax.Array, jax.Array]:
         """``(grads, loss, tokens)`` that :meth:`train_step` would apply to ``state`` (no update; for
         inspection and tests). ``grads`` is laid out like ``state.params``."""
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        return self._program("grads", batch)(state.params, self.frozen, self.rest, batch, step_key)
+        return self._program("grads", batch)(state.params, self.frozen, self.rest, batch, step_key(state))
 
     def _program(self, kind: str, batch: TrainBatch):
         """The jitted ``kind`` program for this batch shape. Programs are shared by every trainer with the
         same graph, trainable paths, config and mesh (a resumed run's fresh trainer compiles nothing)."""
-        key = (kind, self.graphdef, tuple(self.paths), self.config, self.mesh, self.rules, self._batch_key(batch))
+        own = (kind, self._batch_key(batch))
+        if own in self._programs:        # every step: no hash of the graph definition (ms on the 8B model)
+            return self._programs[own]
+        key = (kind, self.graphdef, tuple(self.paths), self.config, self.mesh, self.rules, own[1])
         if key in _PROGRAMS:
             _PROGRAMS.move_to_end(key)
-            return _PROGRAMS[key]
+            self._programs[own] = _PROGRAMS[key]
+            return self._programs[own]
         common = dict(graphdef=self.graphdef, paths=self.paths, loss_chunk=self.config.loss_chunk)
         params, replicated = self._param_shardings, None
         if self.mesh is not None:
@@ -309,9 +312,10 @@ class Trainer:
             shardings = None if self.mesh is None else ((params, *inputs, replicated), (params, replicated, replicated))
         kwargs = {} if shardings is None else dict(in_shardings=shardings[0], out_shardings=shardings[1])
         _PROGRAMS[key] = jax.jit(fn, donate_argnums=(0,) if kind == "train" else (), **kwargs)
+        self._programs[own] = _PROGRAMS[key]
         while len(_PROGRAMS) > _MAX_PROGRAMS:
             _PROGRAMS.popitem(last=False)
-        return _PROGRAMS[key]
+        return self._programs[own]
 
     def _frozen_shardings(self):
         return sharding.param_shardings(self.frozen, self.mesh, self.rules)
