@@ -84,7 +84,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None
     ``dst`` is left as it was.
     """
     t0 = time.perf_counter()
-    src, dst = os.fspath(src), os.path.normpath(os.fspath(dst))
+    src, dst = os.fspath(src), os.path.normpath(os.path.expanduser(os.fspath(dst)))
     out_dtype = None if dtype is None else np.dtype(as_dtype(dtype))
     check_destination(dst, src, overwrite)          # before a Hub download
     folder = resolve_source(src)

@@ -16,13 +16,13 @@ import hashlib
 import json
 import mmap
 import os
-import re
 import shutil
 
 import ml_dtypes
 import numpy as np
 
-from minicpmv_jax.hf_checkpoint import INDEX_FILE, CheckpointError, HFCheckpoint
+from minicpmv_jax.demo import DEMO_NAME, demo_checkpoint
+from minicpmv_jax.hf_checkpoint import INDEX_FILE, CheckpointError, HFCheckpoint, is_hub_id
 from minicpmv_jax.orbax_checkpoint import MANIFEST_FILE
 
 from ._errors import ConvertError
@@ -32,8 +32,6 @@ from ._errors import ConvertError
 AUX_PATTERNS = ("*.json", "*.txt", "*.jinja")
 WEIGHT_PATTERNS = ("*.safetensors", INDEX_FILE)
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
 SAFETENSORS_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
                       "BF16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -42,13 +40,18 @@ SAFETENSORS_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.
 
 
 def resolve_source(src: str | os.PathLike) -> str:
-    """``src`` as a local folder: an existing folder, or a Hub id downloaded with ``huggingface_hub``."""
+    """``src`` as a local folder: an existing folder (``~`` expanded), ``demo`` (the tiny random-weight demo
+    checkpoint in the HF layout, built once: something small to try conversion on), or a Hub id downloaded
+    with ``huggingface_hub``."""
     src = os.fspath(src)
-    if os.path.isdir(src):
-        return src
-    if os.path.exists(src):
+    if src == DEMO_NAME:
+        return demo_checkpoint()
+    folder = os.path.expanduser(src)
+    if os.path.isdir(folder):
+        return folder
+    if os.path.exists(folder):
         raise ConvertError(f"{src}: not a folder (expected an HF checkpoint folder or a Hub id)")
-    if not _HUB_ID.fullmatch(src) or src.startswith((".", "/", "~")):
+    if not is_hub_id(src):
         raise ConvertError(f"{src}: no such folder")
     try:
         import huggingface_hub

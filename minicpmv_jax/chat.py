@@ -33,6 +33,7 @@ from PIL import Image
 
 from minicpmv_jax import generate as gen
 from minicpmv_jax import sampling
+from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.generation_config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from minicpmv_jax.image_inputs import feature_slots, pack_for_encoder, pieces_bucket
 from minicpmv_jax.host import fetch
@@ -96,6 +97,15 @@ def conversation_prompt(msgs: Sequence[Mapping[str, Any]], image: Any, tokenizer
                                 f"{type(part).__name__}")
         rendered.append({"role": role, "content": "\n".join(texts)})
     return tokenizer.apply_chat_template(rendered, add_generation_prompt=True), images
+
+
+def _nothing_asked(msgs: Sequence[Mapping[str, Any]], image: Any) -> bool:
+    """Whether a (valid) conversation ends in a user message with neither text nor an image."""
+    last = msgs[-1]
+    parts = [last["content"]] if isinstance(last["content"], str) else list(last["content"])
+    if len(msgs) == 1 and image is not None:
+        parts.append(image)
+    return last["role"] == "user" and all(isinstance(p, str) and not p.strip() for p in parts)
 
 
 # ---------------------------------------------------------------------------------------- vision features
@@ -238,13 +248,16 @@ def chat(model, image: Any, msgs: Sequence[Any], processor, sampling: bool = Tru
         images = [image]
     config = GenerationConfig.for_chat(sampling, max_new_tokens=max_new_tokens, **generation_kwargs)
     if stream and (batched or config.strategy == "beam"):
-        raise ValueError("stream=True needs a single conversation and sampling or greedy decoding "
-                         "(beam search only knows its answer at the end)")
+        raise ArgumentError("{} needs a single conversation and sampling or greedy decoding (beam search only "
+                            "knows its answer at the end)", "stream=True")
 
     prompts, prompt_images = [], []
     for k, (conv, img) in enumerate(zip(conversations, images)):
         try:
             text, imgs = conversation_prompt(conv, img, processor.tokenizer, system_prompt)
+            if _nothing_asked(conv, img):
+                raise ValueError("the last message is an empty user message (no text, no image): nothing to "
+                                 "answer")
         except (ValueError, TypeError) as e:
             raise type(e)(f"conversation {k}: {e}" if batched else str(e)) from None
         prompts.append(text)

@@ -20,19 +20,26 @@ key or tensor, with exit status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import sys
 import warnings
+from typing import Callable
 
 from flax import nnx
 
 from . import __version__, orbax_checkpoint
 from . import checkpoint_names as names
 from .cli_finetune import add_finetune_parser
-from .cli_generate import add_chat_parser, add_generate_parser
+from .cli_generate import add_chat_parser, add_generate_parser, path_arg
 from .config import ConfigError, MiniCPMVConfig, num_parameters
+from .errors import ArgumentError
 from .hf_checkpoint import CheckpointError, HFCheckpoint
 from .model import MiniCPMV, _extra_vision_layers
+
+
+DESCRIPTION = ("MiniCPM-V 2.6 in JAX: check, convert, chat with and fine-tune checkpoints. --model takes a "
+               "checkpoint folder, a Hugging Face Hub id, or 'demo' (tiny random weights, offline).")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -86,16 +93,21 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minicpmv-jax", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="minicpmv-jax", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"minicpmv-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="check a checkpoint folder against its config and summarise it")
-    info.add_argument("--model", required=True, help="HF-format MiniCPM-V checkpoint folder")
+    info = sub.add_parser("info", help="check a checkpoint folder against its config and summarise it",
+                          description="Check a checkpoint folder against its config and summarise it.")
+    info.add_argument("--model", required=True, type=path_arg, help="a checkpoint folder: HF format (safetensors) "
+                      "or converted by 'minicpmv-jax convert'")
     info.set_defaults(func=_info)
-    conv = sub.add_parser("convert", help="convert an HF safetensors checkpoint to a folder with Orbax parameters")
-    conv.add_argument("src", metavar="SRC", help="HF-format checkpoint folder (single or sharded safetensors), or "
-                      "a Hugging Face Hub id (needs the `hub` extra)")
-    conv.add_argument("dst", metavar="DST", help="output folder; must not exist unless --overwrite")
+    conv = sub.add_parser("convert", help="convert an HF safetensors checkpoint to a folder with Orbax parameters",
+                          description="Convert an HF safetensors checkpoint to a folder with Orbax parameters, "
+                          "tensor by tensor; DST is written whole or not at all.")
+    conv.add_argument("src", metavar="SRC", type=path_arg, help="HF-format checkpoint folder (single or sharded "
+                      "safetensors), a Hugging Face Hub id (needs the 'hub' extra), or 'demo' (a tiny random-weight "
+                      "checkpoint to try conversion on)")
+    conv.add_argument("dst", metavar="DST", type=path_arg, help="output folder; must not exist unless --overwrite")
     conv.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                       help="cast every parameter (default: keep the source dtypes)")
     conv.add_argument("--overwrite", action="store_true",
@@ -105,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_finetune_parser(sub)
     plan = sub.add_parser("plan", help="per-device memory of parameters and KV cache on a mesh (no weights read)")
-    plan.add_argument("--model", default="minicpmv-2_6", help="checkpoint folder, its config.json, or a preset "
+    plan.add_argument("--model", default="minicpmv-2_6", type=path_arg,
+                      help="checkpoint folder, its config.json, or a preset "
                       "(minicpmv-2_6, tiny); default minicpmv-2_6")
-    plan.add_argument("--mesh", required=True, metavar="DxFxT", help="data × fsdp × tensor sizes, e.g. 1x4x2")
+    plan.add_argument("--mesh", required=True, metavar="DxFxT", help="data × fsdp × tensor sizes, e.g. 1x4x2 "
+                      "(positive integers: the devices need not exist)")
     plan.add_argument("--batch", type=int, default=1)
     plan.add_argument("--max-len", type=int, default=4096, help="KV cache slots per sequence (prompt + answer)")
     plan.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
@@ -117,13 +131,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_namer(parser: argparse.ArgumentParser) -> Callable[[str], str]:
+    """Python's spelling of a setting → ``parser``'s flag: ``max_new_tokens`` → ``--max-new-tokens``,
+    ``resume=True`` → ``--resume``, ``on_bad='skip'`` → ``--on-bad skip``; a setting without a flag is
+    left as it is. Used to word :class:`~minicpmv_jax.errors.ArgumentError` for the command line."""
+    flags: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # argparse keeps its actions here; there is no public accessor
+        if action.option_strings:
+            flags.setdefault(action.dest, action)
+
+    def name(setting: str) -> str:
+        dest, eq, value = setting.partition("=")
+        action = flags.get(dest)
+        if action is None:
+            return setting
+        flag = max(action.option_strings, key=len)
+        if not eq:
+            return flag
+        try:
+            literal = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            literal = value
+        if isinstance(action, argparse.BooleanOptionalAction) and isinstance(literal, bool):
+            plain = next(o for o in action.option_strings if not o.startswith("--no-"))
+            return plain if literal else "--no-" + plain[2:]
+        if action.nargs == 0:  # store_true / store_false: the flag sets its const, leaving it out the default
+            return flag if literal == action.const else f"no {flag}"
+        return f"{flag} {literal}"
+
+    return name
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    name = flag_namer(_subparser(parser, args.command))
+    args.error_message = lambda e: e.worded(name) if isinstance(e, ArgumentError) else str(e)
     try:
         return args.func(args)
     except (CheckpointError, ConfigError, ValueError, OSError) as e:  # bad input: one line, no traceback
-        print(f"minicpmv-jax {args.command}: error: {e}", file=sys.stderr)
+        print(f"minicpmv-jax {args.command}: error: {args.error_message(e)}", file=sys.stderr)
         return 2
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ base weights are loaded in, the computation dtype and the exported model's dtype
 the optimizer state are float32 whatever it is.
 
 Input errors (an unreadable or bad data file, a bad mesh, an existing output folder, a checkpoint of other
-settings) are one line on stderr and exit status 2, before the model is loaded where possible.
+settings) are one line on stderr and exit status 2, before the model is loaded where possible. They name
+the flag at fault (``--batch-size 2``), not the library setting behind it (``DataConfig.batch_size=2``):
+the library raises :class:`~minicpmv_jax.errors.ArgumentError`, and ``_DESTS`` maps its settings to flags.
 """
 
 from __future__ import annotations
@@ -25,11 +27,35 @@ import math
 import os
 import sys
 import warnings
+from typing import Any
+
+from minicpmv_jax.cli_generate import path_arg
+from minicpmv_jax.errors import ArgumentError
 
 __all__ = ["add_finetune_parser"]
 
+#: ``finetune --help``'s description (the module docstring is reStructuredText).
+DESCRIPTION = ("LoRA or full fine-tuning on a JSON or JSONL data file of the reference (OpenBMB MiniCPM-V "
+               "finetune) format. Writes DIR/log.jsonl, DIR/checkpoints/ and, at the end, DIR/model (LoRA merged), "
+               "which 'minicpmv-jax chat --model DIR/model' loads; --resume continues an interrupted run.")
+
 #: Learning rates by default: LoRA adapters start from zero and take larger steps than full fine-tuning.
 DEFAULT_LR = {"lora": 1e-4, "full": 1e-5}
+
+#: The settings that :func:`~minicpmv_jax.finetune.trainer.fit` names in its errors (its arguments and the
+#: TrainConfig / DataConfig fields) → the dests of the flags that set them here, for ``cli.main`` to name
+#: the flags. A setting missing here has the name of its dest (``output``, ``resume``) or no flag at all.
+_DESTS = {
+    "dataset": "data",
+    "DataConfig.max_length": "max_length", "DataConfig.batch_size": "batch_size", "DataConfig.seed": "seed",
+    "DataConfig.max_slice_nums": "max_slice_nums",
+    "TrainConfig.learning_rate": "lr", "TrainConfig.warmup_steps": "warmup", "TrainConfig.weight_decay": "weight_decay",
+    "TrainConfig.max_grad_norm": "max_grad_norm", "TrainConfig.grad_accum_steps": "grad_accum",
+    "TrainConfig.seed": "seed", "TrainConfig.train_vision": "train_vision",
+    "TrainConfig.train_resampler": "train_resampler", "TrainConfig.compute_dtype": "dtype",
+    "TrainConfig.lora.rank": "lora_rank", "TrainConfig.lora.alpha": "lora_alpha",
+    "TrainConfig.lora.dropout": "lora_dropout", "TrainConfig.lora.target_modules": "lora_targets",
+}
 
 
 def _positive(kind):
@@ -43,12 +69,12 @@ def _positive(kind):
 
 def add_finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune (LoRA or full) on a JSON/JSONL data file of the reference format",
-                       description=__doc__.split("\n\n")[0])
+                       description=DESCRIPTION)
     p.add_argument("--model", required=True, help="checkpoint folder (HF or converted), a Hugging Face Hub id, "
                    "or 'demo' (tiny random weights, offline)")
-    p.add_argument("--data", required=True, metavar="FILE", help="training samples: JSON list or JSONL")
-    p.add_argument("--output", required=True, metavar="DIR", help="run folder: log.jsonl, checkpoints/, model/")
-    p.add_argument("--eval-data", metavar="FILE", help="held-out samples for the evaluation loss")
+    p.add_argument("--data", required=True, metavar="FILE", type=path_arg, help="training samples: JSON list or JSONL")
+    p.add_argument("--output", required=True, metavar="DIR", type=path_arg, help="run folder: log.jsonl, checkpoints/, model/")
+    p.add_argument("--eval-data", metavar="FILE", type=path_arg, help="held-out samples for the evaluation loss")
     lora = p.add_argument_group("what is trained")
     lora.add_argument("--full", action="store_true", help="full fine-tuning of the language model (default: LoRA)")
     lora.add_argument("--lora-rank", type=_positive(int), default=8)
@@ -122,15 +148,29 @@ def _loss_chunk(args: argparse.Namespace) -> dict:
     return {} if args.loss_chunk is None else {"loss_chunk": args.loss_chunk}
 
 
-def _one_line(e: Exception) -> str:
+def _one_line(text: str) -> str:
     """A multi-line message (e.g. the list of bad samples) joined into one line."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+
+
+def _cli_setting(name: str, value: Any) -> str:
+    """A setting of ``fit`` and its value (``TrainConfig.grad_accum_steps``, 2) spelled as this command's
+    argparse dest and the value its flag takes (``grad_accum=2``), which ``cli.main`` words as the flag
+    (``--grad-accum 2``). LoRA or not is ``--lora-rank R`` or ``--full``; no gradient clipping is
+    ``--max-grad-norm 0``."""
+    if name == "TrainConfig.lora":
+        return "full=True" if value is None else f"lora_rank={value.rank}"
+    if name == "TrainConfig.max_grad_norm" and value is None:
+        value = 0
+    if isinstance(value, tuple):                     # --lora-targets RE [RE ...]
+        value = " ".join(value)
+    return f"{_DESTS.get(name, name)}={value!r}"
 
 
 def _datasets(args: argparse.Namespace, processor):
     from minicpmv_jax.finetune.batching import FinetuneDataset
-    from minicpmv_jax.finetune.data import DataConfig, SampleError
+    from minicpmv_jax.finetune.data import DataConfig, SampleError, SkippedSamplesWarning
 
     config = DataConfig(max_length=args.max_length, batch_size=args.batch_size, seed=args.seed,
                         max_slice_nums=args.max_slice_nums, on_bad=args.on_bad)
@@ -146,23 +186,36 @@ def _datasets(args: argparse.Namespace, processor):
             try:
                 out.append(FinetuneDataset.from_file(path, processor, cfg))
             except SampleError as e:
-                raise ValueError(_one_line(e)) from None
+                raise ValueError(_one_line(e.report) + ("; --on-bad skip leaves them out" if e.skippable else "")
+                                 ) from None
         for w in caught:
-            print(f"minicpmv-jax finetune: warning: {_one_line(w.message)}", file=sys.stderr)
+            text = (_one_line(w.message.report) + "; they are skipped (--on-bad skip)"
+                    if isinstance(w.message, SkippedSamplesWarning) else _one_line(str(w.message)))
+            print(f"minicpmv-jax finetune: warning: {text}", file=sys.stderr)
     return out
 
 
-def _finetune(args: argparse.Namespace) -> int:
+def _mesh(text: str):
+    """The device mesh of ``--mesh DxFxT``; an error names ``--mesh``, with the axis sizes as text: they are
+    not flags (``data=3`` is not ``--data 3``)."""
     import sharding
+
+    shape = sharding.parse_mesh_shape(text)
+    try:
+        return sharding.make_mesh(*shape)
+    except ArgumentError as e:
+        raise ArgumentError("{}: {problem}", f"mesh={text!r}", problem=str(e)) from None
+
+
+def _finetune(args: argparse.Namespace) -> int:
     from minicpmv_jax import MiniCPMV, MiniCPMVProcessor
     from minicpmv_jax.cli_generate import model_folder
-    from minicpmv_jax.finetune.trainer import LoopConfig, check_output, fit
+    from minicpmv_jax.finetune.trainer import LoopConfig, SettingChangedError, check_output, fit
 
     # Cheap checks first: the model may take minutes to load.
     if not 0.0 <= args.lora_dropout < 1.0:
         raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
-    mesh_shape = None if args.mesh is None else sharding.parse_mesh_shape(args.mesh)
-    mesh = None if mesh_shape is None else sharding.make_mesh(*mesh_shape)
+    mesh = None if args.mesh is None else _mesh(args.mesh)
     output = os.path.abspath(args.output)
     check_output(output, args.resume)
     if not os.path.isfile(args.data):
@@ -177,9 +230,14 @@ def _finetune(args: argparse.Namespace) -> int:
     loop = LoopConfig(log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
                       max_to_keep=args.keep_checkpoints, resume=args.resume, export=not args.no_export,
                       export_dtype=args.dtype, progress=not args.no_progress)
-    # No reference kept to the model: the load-dtype copies of the trained parameters are freed in fit.
-    result = fit(MiniCPMV.from_pretrained(folder, dtype=args.dtype, mesh=mesh), train_data, config, output,
-                 base_model=folder, eval_dataset=eval_data, loop=loop)
+    try:
+        # No reference kept to the model: the load-dtype copies of the trained parameters are freed in fit.
+        result = fit(MiniCPMV.from_pretrained(folder, dtype=args.dtype, mesh=mesh), train_data, config, output,
+                     base_model=folder, eval_dataset=eval_data, loop=loop)
+    except SettingChangedError as e:    # resuming with other settings: the flag and its value, not the field
+        raise SettingChangedError(e.output, e.step, e.setting, e.before, e.now, spell=_cli_setting) from None
+    except ArgumentError as e:          # resuming with other data: --data, not dataset
+        raise ArgumentError(e.template, *(_DESTS.get(s, s) for s in e.settings), **e.values) from None
     train = [e for e in result.log if "loss" in e]
     evals = [e for e in result.log if "eval_loss" in e]
     summary = f"finetune: {int(result.state.step)} steps"

@@ -296,8 +296,9 @@ class MiniCPMVConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "MiniCPMVConfig":
-        """Reads ``path/config.json`` (or ``path`` itself when it is a file)."""
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else os.fspath(path)
+        """Reads ``path/config.json`` (or ``path`` itself when it is a file); ``~`` is expanded."""
+        path = os.path.expanduser(os.fspath(path))
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         try:
             with open(file, encoding="utf-8") as f:
                 cfg = json.load(f)

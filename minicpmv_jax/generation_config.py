@@ -17,6 +17,8 @@ import math
 import warnings
 from typing import Any
 
+from minicpmv_jax.errors import ArgumentError
+
 __all__ = ["GenerationConfig", "SAMPLING_DEFAULTS", "BEAM_DEFAULTS", "DEFAULT_MAX_NEW_TOKENS"]
 
 DEFAULT_MAX_NEW_TOKENS = 2048
@@ -55,15 +57,15 @@ class GenerationConfig:
         def positive_int(name: str, minimum: int) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise ValueError(f"{name} must be an int ≥ {minimum}, got {v!r}")
+                raise ArgumentError("{} must be an int ≥ {minimum}, got {value!r}", name, minimum=minimum, value=v)
 
         def number(name: str, ok, what: str) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
-                raise ValueError(f"{name} must be {what}, got {v!r}")
+                raise ArgumentError("{} must be {what}, got {value!r}", name, what=what, value=v)
 
         if not isinstance(self.do_sample, bool):
-            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
+            raise ArgumentError("{} must be True or False, got {value!r}", "do_sample", value=self.do_sample)
         positive_int("max_new_tokens", 1)
         positive_int("min_new_tokens", 0)
         positive_int("top_k", 0)
@@ -73,7 +75,7 @@ class GenerationConfig:
         number("repetition_penalty", lambda v: v > 0, "a positive number")
         number("length_penalty", lambda v: True, "a finite number")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+            raise ArgumentError("{} must be an int, got {value!r}", "seed", value=self.seed)
         if self.do_sample and self.num_beams > 1:
             raise ValueError("beam sampling (do_sample with num_beams > 1) is not supported: use sampling=True "
                              "with num_beams=1, or sampling=False for beam search")
@@ -99,7 +101,7 @@ class GenerationConfig:
         if unknown:
             raise TypeError(f"unknown generation keyword(s) {unknown}; accepted: {sorted(fields)}")
         if not isinstance(sampling, bool):
-            raise ValueError(f"sampling must be True or False, got {sampling!r}")
+            raise ArgumentError("{} must be True or False, got {value!r}", "sampling", value=sampling)
         do_sample = kwargs.pop("do_sample", sampling)
         values: dict[str, Any] = dict(SAMPLING_DEFAULTS if do_sample else BEAM_DEFAULTS)
         values.update(kwargs)

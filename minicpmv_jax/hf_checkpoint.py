@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from typing import Callable, Mapping
 
@@ -19,6 +20,14 @@ from safetensors import SafetensorError, safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+# ``owner/name`` as the Hugging Face Hub spells repository ids; ``./x``, ``/x``, ``~/x``, ``a/b/c`` are paths.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` reads as a Hugging Face Hub repository id (``openbmb/MiniCPM-V-2_6``)."""
+    return bool(_HUB_ID.fullmatch(spec))
 
 
 class CheckpointError(ValueError):

@@ -23,9 +23,11 @@ import numpy as np
 from PIL import Image
 
 from minicpmv_jax import slicing
+from minicpmv_jax.errors import ArgumentError
 
 __all__ = [
     "ImageError",
+    "ImageTooLargeError",
     "DEFAULT_MAX_PIXELS",
     "ImageSource",
     "ProcessedImage",
@@ -61,15 +63,19 @@ def _describe(obj: object) -> str:
     return repr(obj)
 
 
+class ImageTooLargeError(ImageError, ArgumentError):
+    """An image with more pixels than the ``max_pixels`` limit allows (a possible decompression bomb)."""
+
+
 def _check_pixels(img: Image.Image, name: str, max_pixels: int | None) -> None:
     width, height = img.size
     if width < 1 or height < 1:
         raise ImageError(f"image {name} is empty ({width}x{height} pixels)")
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageError(
-            f"image {name} is {width}x{height} = {width * height} pixels, more than max_pixels={max_pixels}; "
-            "refusing it as a possible decompression bomb (pass a larger max_pixels to accept it)"
-        )
+        raise ImageTooLargeError(
+            "image {name} is {width}x{height} = {pixels:,} pixels, more than the limit of {limit:,} ({}); "
+            "refusing it as a possible decompression bomb (raise {} to accept it)", "max_pixels", "max_pixels",
+            name=name, width=width, height=height, pixels=width * height, limit=max_pixels)
 
 
 def _open_and_load(fp: io.IOBase, name: str, max_pixels: int | None) -> Image.Image:
@@ -118,8 +124,8 @@ def load_image(obj: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
       PIL image that is already RGB is returned as is (after loading it).
 
     Raises:
-      ImageError: the data is not an image, is truncated or corrupt, is too large, or has a mode that
-        cannot be converted; the message names the source.
+      ImageError: the data is not an image, is truncated or corrupt, is too large (an
+        :class:`ImageTooLargeError`), or has a mode that cannot be converted; the message names the source.
       FileNotFoundError / PermissionError: the path cannot be opened.
       TypeError: ``obj`` is of none of the accepted types.
     """
@@ -132,7 +138,7 @@ def load_image(obj: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
         img = obj
     elif isinstance(obj, (str, os.PathLike)):
         # Our own file object, closed on exit: PIL then never keeps a handle (multi-frame formats would).
-        with open(obj, "rb") as fp:
+        with open(os.path.expanduser(obj), "rb") as fp:
             img = _open_and_load(fp, name, max_pixels)
     elif isinstance(obj, (bytes, bytearray, memoryview)):
         img = _open_and_load(io.BytesIO(bytes(obj)), name, max_pixels)

@@ -27,6 +27,7 @@ from . import orbax_checkpoint
 from .config import MiniCPMVConfig
 from .hf_checkpoint import CheckpointError, HFCheckpoint  # noqa: F401 (CheckpointError re-exported)
 from .host import fetch, put
+from .hub import resolve_model
 from .image_inputs import ImageInputs, batch_image_inputs, place_features
 from .qwen2 import Qwen2
 from .resampler import Resampler
@@ -91,6 +92,11 @@ class MiniCPMV(nnx.Module):
         """Loads an HF-format checkpoint folder (single or sharded safetensors) or a folder written by
         ``minicpmv-jax convert`` (an Orbax restore, see :mod:`minicpmv_jax.orbax_checkpoint`).
 
+        ``path`` is a folder (``~`` is expanded), ``"demo"`` (a tiny random-weight model built once, for
+        trying the pipeline offline: its answers are noise) or a Hugging Face Hub id such as
+        ``"openbmb/MiniCPM-V-2_6"`` (downloaded and converted once into the cache, with the ``hub`` extra);
+        see :func:`minicpmv_jax.hub.resolve_model`.
+
         ``dtype`` is the computation dtype and, unless ``param_dtype`` says otherwise, the storage dtype
         of the parameters (cast from whatever the files hold). Raises ``CheckpointError`` naming the
         tensor and file for a missing, unexpected or misshapen tensor, ``ConfigError`` for a bad config.
@@ -103,9 +109,7 @@ class MiniCPMV(nnx.Module):
         see :meth:`shard` for training).
         """
         _check_mesh(mesh)
-        folder = os.fspath(path)
-        if not os.path.isdir(folder):
-            raise CheckpointError(f"{folder}: not a directory")
+        folder = resolve_model(path)
         config = MiniCPMVConfig.from_pretrained(folder)
         abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=_rngs()))
         shardings = None if mesh is None else sharding.flat_param_shardings(abstract, mesh, rules)

@@ -16,6 +16,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from minicpmv_jax import slicing
+from minicpmv_jax.errors import ArgumentError
+from minicpmv_jax.hub import resolve_model
 from minicpmv_jax.image_processing import ImageError, preprocess_image
 from minicpmv_jax.tokenizer import MiniCPMVTokenizer
 
@@ -154,9 +156,13 @@ class MiniCPMVProcessor:
         self.config = config if config is not None else PreprocessorConfig()
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "MiniCPMVProcessor":
-        """Loads the tokenizer from the folder ``path`` and its ``preprocessor_config.json`` if present
-        (defaults of :class:`PreprocessorConfig` otherwise)."""
+    def from_pretrained(cls, path: str | os.PathLike) -> "MiniCPMVProcessor":
+        """Loads the tokenizer from the checkpoint folder ``path`` and its ``preprocessor_config.json`` if
+        present (defaults of :class:`PreprocessorConfig` otherwise).
+
+        ``path`` is what :meth:`MiniCPMV.from_pretrained <minicpmv_jax.model.MiniCPMV.from_pretrained>`
+        takes: a folder (``~`` expanded), ``"demo"`` or a Hub id."""
+        path = resolve_model(path)
         tokenizer = MiniCPMVTokenizer.from_pretrained(path)
         cfg_path = os.path.join(path, PREPROCESSOR_CONFIG_FILE)
         config = PreprocessorConfig.from_file(cfg_path) if os.path.isfile(cfg_path) else PreprocessorConfig()
@@ -244,9 +250,10 @@ class MiniCPMVProcessor:
         max_slice_nums = self.config.max_slice_nums if max_slice_nums is None else max_slice_nums
         use_image_id = self.config.use_image_id if use_image_id is None else use_image_id
         if isinstance(max_slice_nums, bool) or not isinstance(max_slice_nums, int) or max_slice_nums < 1:
-            raise ValueError(f"max_slice_nums must be a positive int or None, got {max_slice_nums!r}")
+            raise ArgumentError("{} must be a positive int or None, got {value!r}", "max_slice_nums",
+                                value=max_slice_nums)
         if not isinstance(use_image_id, bool):
-            raise ValueError(f"use_image_id must be True, False or None, got {use_image_id!r}")
+            raise ArgumentError("{} must be True, False or None, got {value!r}", "use_image_id", value=use_image_id)
 
         all_ids, bounds, pixel_values, tgt_sizes, image_sizes = [], [], [], [], []
         for i, text in enumerate(texts):

@@ -132,12 +132,13 @@ class MiniCPMVTokenizer:
             self._ids[token] = self._lookup(token, f"named by {config_source}: {key}")
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "MiniCPMVTokenizer":
-        """Loads ``tokenizer.json`` and ``tokenizer_config.json`` from the folder ``path``.
+    def from_pretrained(cls, path: str | os.PathLike) -> "MiniCPMVTokenizer":
+        """Loads ``tokenizer.json`` and ``tokenizer_config.json`` from the folder ``path`` (``~`` expanded).
 
         ``special_tokens_map.json`` (optional) fills named special tokens the config lacks;
         ``chat_template.jinja`` (optional) overrides the config's ``chat_template``, as in transformers.
         """
+        path = os.path.expanduser(os.fspath(path))
         if not os.path.isdir(path):
             raise FileNotFoundError(f"tokenizer folder {path} does not exist")
         tok_path = os.path.join(path, TOKENIZER_FILE)

@@ -31,6 +31,8 @@ from typing import BinaryIO, Union
 import av
 from PIL import Image
 
+from minicpmv_jax.errors import ArgumentError
+
 __all__ = [
     "VideoError",
     "VideoWarning",
@@ -96,9 +98,9 @@ class VideoWarning(UserWarning):
 
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise ArgumentError("{} must be an int, got {kind} {value!r}", name, kind=type(value).__name__, value=value)
     if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+        raise ArgumentError("{} must be at least {minimum}, got {value}", name, minimum=minimum, value=value)
     return int(value)
 
 
@@ -164,7 +166,7 @@ def _binary_file(source: VideoSource, name: str) -> Iterator[BinaryIO]:
     """
     if isinstance(source, (str, os.PathLike)):
         try:
-            fp = open(source, "rb")
+            fp = open(os.path.expanduser(source), "rb")
         except FileNotFoundError as err:
             raise VideoError(f"video file {name} does not exist") from err
         except IsADirectoryError as err:

@@ -13,6 +13,9 @@ GSPMD propagates, so the model code needs no explicit-sharding annotations on ev
 
 Planning needs no devices at all: :func:`abstract_mesh` builds a :class:`jax.sharding.AbstractMesh` of any
 size (e.g. a 256-chip slice on a laptop), and :func:`axis_sizes` accepts either kind.
+
+Bad sizes raise :class:`minicpmv_jax.errors.ArgumentError` (a ``ValueError``) naming the setting as Python
+spells it (``fsdp=0``, ``mesh='1x0x1'``), so that the command line can name its flag instead.
 """
 
 from __future__ import annotations
@@ -33,29 +36,42 @@ MESH_AXES = ("data", "fsdp", "tensor")
 MeshLike = Mesh | AbstractMesh | Mapping[str, int] | Sequence[int]
 
 
-def _resolve_sizes(sizes: dict[str, int], num_devices: int, where: str) -> tuple[int, ...]:
+def _setting_error(template: str, *settings: str) -> ValueError:
+    """A :class:`minicpmv_jax.errors.ArgumentError` naming ``settings`` (so the command line can word them as
+    its flags). Imported here, not at the top: this package imports without the model."""
+    from minicpmv_jax.errors import ArgumentError
+
+    return ArgumentError(template, *settings)
+
+
+def _devices(n: int) -> str:
+    """``"1 device"``, ``"8 devices"``."""
+    return f"{n} device" if n == 1 else f"{n} devices"
+
+
+def _resolve_sizes(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     """Fills a single ``-1`` with the remaining device count; checks that the product matches."""
     for name, size in sizes.items():
         if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
-            raise ValueError(f"{where}: {name}={size!r} must be a positive integer or -1 (the rest of the "
-                             "devices)")
+            raise _setting_error("{} must be a positive integer or -1 (the rest of the devices)", f"{name}={size!r}")
     rest = [name for name, size in sizes.items() if size == -1]
     if len(rest) > 1:
-        raise ValueError(f"{where}: only one axis may be -1, got {' and '.join(f'{n}=-1' for n in rest)}")
+        raise _setting_error("only one axis may be -1, got " + " and ".join(["{}"] * len(rest)),
+                             *(f"{n}=-1" for n in rest))
     fixed = {n: s for n, s in sizes.items() if s != -1}
     fixed_product = math.prod(fixed.values())
-    shown = " × ".join(f"{n}={s}" for n, s in fixed.items())
     if rest:
         if num_devices % fixed_product:
-            raise ValueError(f"{where}: {rest[0]}=-1 takes the rest of the {num_devices} devices, but "
-                             f"{num_devices} is not divisible by {shown} = {fixed_product}")
+            raise _setting_error(f"{{}} takes the rest of the {_devices(num_devices)}, but {num_devices} is not "
+                                 f"divisible by {' × '.join(['{}'] * len(fixed))} = {fixed_product}",
+                                 f"{rest[0]}=-1", *(f"{n}={s}" for n, s in fixed.items()))
         sizes = {**sizes, rest[0]: num_devices // fixed_product}
     product = math.prod(sizes.values())
     if product != num_devices:
-        shown = " × ".join(f"{n}={s}" for n, s in sizes.items())
-        raise ValueError(f"{where}: {shown} = {product} devices, but {num_devices} devices are given; "
-                         "the product of the axis sizes must equal the device count (use -1 for one axis "
-                         "to take the rest)")
+        given = f"{_devices(num_devices)} {'is' if num_devices == 1 else 'are'} given"
+        raise _setting_error(f"{' × '.join(['{}'] * len(sizes))} = {_devices(product)}, but {given}; the product "
+                             "of the axis sizes must equal the device count (use -1 for one axis to take the rest)",
+                             *(f"{n}={s}" for n, s in sizes.items()))
     return tuple(sizes.values())
 
 
@@ -63,38 +79,47 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
               ) -> Mesh:
     """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all of ``jax.devices()``).
 
-    One size may be ``-1`` for "the rest of the devices". Errors name the axis sizes and the device count
-    when the product does not match. The device order comes from :func:`jax.make_mesh` (topology aware
-    on TPU: ``tensor`` gets the closest chips).
+    One size may be ``-1`` for "the rest of the devices". Errors (a
+    :class:`~minicpmv_jax.errors.ArgumentError`) name the axis sizes and the device count when the product
+    does not match. The device order comes from :func:`jax.make_mesh` (topology aware on TPU: ``tensor``
+    gets the closest chips).
     """
     devs = list(jax.devices() if devices is None else devices)
     if not devs:
-        raise ValueError("make_mesh: no devices given")
-    shape = _resolve_sizes({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devs), "make_mesh")
+        raise _setting_error("{}: no devices to build a mesh on", "devices=[]")
+    shape = _resolve_sizes({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devs))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devs)
 
 
 def abstract_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1) -> AbstractMesh:
-    """A device-free ``(data, fsdp, tensor)`` mesh of any size, for planning and spec computation."""
+    """A device-free ``(data, fsdp, tensor)`` mesh of any size, for planning and spec computation.
+
+    Every size must be a positive integer: without devices, ``-1`` ("the rest") has no meaning.
+    """
     for name, size in zip(MESH_AXES, (data, fsdp, tensor)):
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"abstract_mesh: {name}={size!r} must be a positive integer (-1 needs a device "
-                             "count; use make_mesh for real devices)")
+            raise _setting_error("{} must be a positive integer", f"{name}={size!r}")
     return AbstractMesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 _SHAPE_RE = re.compile(r"^\s*(-?\d+)\s*[xX×,]\s*(-?\d+)\s*[xX×,]\s*(-?\d+)\s*$")
 
 
-def parse_mesh_shape(text: str) -> tuple[int, int, int]:
-    """``"2x2x2"`` (data × fsdp × tensor; ``,`` or ``×`` also accepted, ``-1`` allowed) → ``(2, 2, 2)``."""
+def parse_mesh_shape(text: str, allow_rest: bool = True) -> tuple[int, int, int]:
+    """``"2x2x2"`` (data × fsdp × tensor; ``,`` or ``×`` also accepted) → ``(2, 2, 2)``.
+
+    With ``allow_rest`` one size may be ``-1`` (the rest of the devices, for :func:`make_mesh`); without
+    (a plan for devices that need not exist, :func:`abstract_mesh`) every size must be positive. Errors are
+    :class:`~minicpmv_jax.errors.ArgumentError` naming the setting ``mesh``.
+    """
     m = _SHAPE_RE.match(text)
     if not m:
-        raise ValueError(f"mesh shape {text!r}: expected DATAxFSDPxTENSOR, e.g. 1x1x8 or 2x4x1")
+        raise _setting_error("{}: expected a mesh shape DATAxFSDPxTENSOR, e.g. 1x1x8 or 2x4x1", f"mesh={text!r}")
     sizes = tuple(int(g) for g in m.groups())
+    allowed = "a positive integer or -1 (the rest of the devices)" if allow_rest else "a positive integer"
     for name, size in zip(MESH_AXES, sizes):
-        if size < 1 and size != -1:
-            raise ValueError(f"mesh shape {text!r}: {name}={size} must be a positive integer or -1")
+        if size < 1 and not (allow_rest and size == -1):
+            raise _setting_error(f"{{}}: {name}={size} must be {allowed}", f"mesh={text!r}")
     return sizes  # type: ignore[return-value]
 
 

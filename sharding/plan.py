@@ -8,7 +8,13 @@ divides), so every device holds one piece of the same shape of each array: the p
 exact, and it is the maximum over devices. Activations, compiler temporaries and framework overhead are
 not included; leave headroom for them (prefill activations grow with batch × prompt length).
 
-``format_plan(plan)`` renders it as a small table for the ``plan`` command of the CLI.
+A mesh axis can also split nothing: the resolver skips it wherever it does not divide (``fsdp = 3`` on
+Qwen2-7B, whose width is 3584). The plan lists such axes per tower and for the KV cache
+(:class:`IdleAxis`: the axis, what it leaves whole, the dimensions it would have split), found with the
+same rules and shapes.
+
+``format_plan(plan)`` renders it as a small table for the ``plan`` command of the CLI, with a note per idle
+axis.
 """
 
 from __future__ import annotations
@@ -17,18 +23,18 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-from .mesh import MESH_AXES, abstract_mesh, mesh_shape, parse_mesh_shape
+from .mesh import MESH_AXES, _devices, _setting_error, abstract_mesh, axis_sizes, mesh_shape, parse_mesh_shape
 from .placement import kv_cache_specs, logical_axes_of
-from .rules import RULES, Rules, logical_to_spec, spec_shard_shape
+from .rules import CACHE_AXES, RULES, Rules, check_rules, logical_to_spec, spec_shard_shape
 
-__all__ = ["PRESETS", "TowerMemory", "MemoryPlan", "resolve_config", "abstract_params", "plan_memory",
-           "format_plan"]
+__all__ = ["PRESETS", "KV_CACHE", "TowerMemory", "IdleAxis", "MemoryPlan", "resolve_config", "abstract_params",
+           "plan_memory", "format_plan"]
 
 #: Names accepted instead of a checkpoint folder: the released sizes and the test preset.
 PRESETS = {
@@ -37,6 +43,8 @@ PRESETS = {
 }
 
 _TOWER_TITLES = {"llm": "llm (Qwen2)", "vpm": "vpm (SigLIP)", "resampler": "resampler"}
+#: The name of the KV cache among the arrays an :class:`IdleAxis` leaves whole.
+KV_CACHE = "kv_cache"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +56,32 @@ class TowerMemory:
     total_bytes: int            # one full copy
     per_device_bytes: int       # one device's pieces
     replicated_bytes: int       # bytes of the tower's parameters that are not split at all (each device)
+
+
+@dataclasses.dataclass(frozen=True)
+class IdleAxis:
+    """A mesh axis of size > 1 that splits nothing of some towers (or of the KV cache): it divides none of
+    their dimensions that the rules would split by it, so their arrays are whole on every device along it.
+
+    ``arrays`` names them (tower names, :data:`KV_CACHE`); ``dims`` are those dimensions as (logical axis,
+    size) pairs, in the order first met.
+    """
+
+    axis: str
+    size: int
+    arrays: tuple[str, ...]
+    dims: tuple[tuple[str, int], ...]
+
+    def dividing_sizes(self, count: int = 4) -> tuple[int, ...]:
+        """The ``count`` smallest sizes > 1 that divide at least one of ``dims`` (fewer if there are not)."""
+        sizes = sorted({size for _, size in self.dims})
+        found = []
+        for n in range(2, (sizes[-1] if sizes else 1) + 1):
+            if any(size % n == 0 for size in sizes):
+                found.append(n)
+                if len(found) == count:
+                    break
+        return tuple(found)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +97,7 @@ class MemoryPlan:
     kv_cache_bytes: int         # all layers, keys and values, one full copy
     kv_cache_bytes_per_device: int
     kv_cache_spec: PartitionSpec
+    idle_axes: tuple[IdleAxis, ...] = ()   # mesh axes that leave towers or the KV cache replicated
 
     @property
     def num_devices(self) -> int:
@@ -99,8 +134,8 @@ def resolve_config(model: Any):
             return getattr(C, PRESETS[text.lower()])()
         if os.path.exists(text):
             return C.MiniCPMVConfig.from_pretrained(text)
-        raise ValueError(f"--model {text!r}: not a checkpoint folder, a config.json file, or one of the presets "
-                         f"{sorted(set(PRESETS))}")
+        raise _setting_error("{}: not a checkpoint folder, a config.json file, or one of the presets "
+                             f"{sorted(set(PRESETS))}", f"model={text!r}")
     raise TypeError(f"model: expected a MiniCPMVConfig, a preset name or a path, got {type(model).__name__}")
 
 
@@ -135,7 +170,7 @@ def _dtype_name(dtype: Any) -> str:
 def _mesh(mesh: Any) -> AbstractMesh | Mesh:
     if isinstance(mesh, (Mesh, AbstractMesh)):
         return mesh
-    sizes = parse_mesh_shape(mesh) if isinstance(mesh, str) else tuple(mesh)
+    sizes = parse_mesh_shape(mesh, allow_rest=False) if isinstance(mesh, str) else tuple(mesh)
     return abstract_mesh(*sizes)
 
 
@@ -154,15 +189,19 @@ def plan_memory(model: Any, mesh: Any = (1, 1, 1), *, batch: int = 1, max_len: i
     """
     cfg = resolve_config(model)
     mesh = _mesh(mesh)
-    if batch < 1 or max_len < 1:
-        raise ValueError(f"batch={batch} and max_len={max_len} must be positive")
+    for name, value in (("batch", batch), ("max_len", max_len)):
+        if value < 1:
+            raise _setting_error("{} must be positive", f"{name}={value}")
     dtype_name = _dtype_name(dtype)
     kv_name = _dtype_name(kv_dtype if kv_dtype is not None else dtype)
     itemsize = np.dtype(dtype_name).itemsize       # every parameter is stored in the one param dtype
     towers: dict[str, list[int]] = {}
+    arrays = []                                    # (tower or KV_CACHE, logical axes, shape, spec)
     for path, var in nnx.to_flat_state(abstract_params(cfg)):
         value = var.get_value()
-        spec = logical_to_spec(logical_axes_of(var, path), value.shape, mesh, rules)
+        axes = logical_axes_of(var, path)
+        spec = logical_to_spec(axes, value.shape, mesh, rules)
+        arrays.append((str(path[0]), axes, value.shape, spec))
         total = math.prod(value.shape) * itemsize
         piece = math.prod(spec_shard_shape(value.shape, spec, mesh)) * itemsize
         acc = towers.setdefault(str(path[0]), [0, 0, 0, 0])
@@ -178,10 +217,40 @@ def plan_memory(model: Any, mesh: Any = (1, 1, 1), *, batch: int = 1, max_len: i
     for spec in (*kv_specs.k, *kv_specs.v):
         kv_total += math.prod(shape) * kv_item
         kv_piece += math.prod(spec_shard_shape(shape, spec, mesh)) * kv_item
+    arrays.append((KV_CACHE, CACHE_AXES, shape, kv_specs.k[0]))
+    names = sorted(towers, key=_tower_order)
     return MemoryPlan(
         mesh_shape=mesh_shape(mesh), dtype=dtype_name, kv_dtype=kv_name, batch=batch, max_len=max_len,
-        towers=tuple(TowerMemory(name, *towers[name]) for name in sorted(towers, key=_tower_order)),
-        kv_cache_bytes=kv_total, kv_cache_bytes_per_device=kv_piece, kv_cache_spec=kv_specs.k[0])
+        towers=tuple(TowerMemory(name, *towers[name]) for name in names),
+        kv_cache_bytes=kv_total, kv_cache_bytes_per_device=kv_piece, kv_cache_spec=kv_specs.k[0],
+        idle_axes=_idle_axes(arrays, [*names, KV_CACHE], mesh, rules))
+
+
+def _idle_axes(arrays: Sequence[tuple[str, Sequence[str | None], Sequence[int], PartitionSpec]], order: list[str],
+               mesh: AbstractMesh | Mesh, rules: Rules) -> tuple[IdleAxis, ...]:
+    """The mesh axes of size > 1 that no spec of some group of ``arrays`` uses although the rules name them
+    for some of the group's dimensions (:class:`IdleAxis`); groups in ``order``.
+
+    ``arrays``: ``(group, logical axes, shape, spec)`` per array.
+    """
+    sizes = {axis: size for axis, size in axis_sizes(mesh).items() if size > 1}
+    candidates = dict(check_rules(rules))
+    would: dict[tuple[str, str], dict[tuple[str, int], None]] = {}   # (group, mesh axis) → dims (ordered set)
+    used: set[tuple[str, str]] = set()
+    for group, axes, shape, spec in arrays:
+        for name, size in zip(axes, shape):
+            for axis in candidates.get(name, ()) if name is not None else ():
+                if axis in sizes:
+                    would.setdefault((group, axis), {})[(name, int(size))] = None
+        for entry in spec:
+            used.update((group, axis) for axis in ((entry,) if isinstance(entry, str) else entry or ()))
+    idle = []
+    for axis in (a for a in MESH_AXES if a in sizes):
+        groups = [g for g in order if (g, axis) in would and (g, axis) not in used]
+        if groups:
+            dims = {dim: None for g in groups for dim in would[(g, axis)]}
+            idle.append(IdleAxis(axis, sizes[axis], tuple(groups), tuple(dims)))
+    return tuple(idle)
 
 
 def _tower_order(name: str) -> tuple[int, str]:
@@ -196,7 +265,7 @@ def _gib(n: int) -> str:
 def format_plan(plan: MemoryPlan, device_memory_gib: float | None = None) -> str:
     """A text table of ``plan``; with ``device_memory_gib`` (e.g. 16 for a TPU v5e chip) also the headroom."""
     mesh = " × ".join(f"{n}={s}" for n, s in zip(MESH_AXES, plan.mesh_shape))
-    lines = [f"mesh {mesh} ({plan.num_devices} devices); parameters {plan.dtype}, KV cache {plan.kv_dtype}",
+    lines = [f"mesh {mesh} ({_devices(plan.num_devices)}); parameters {plan.dtype}, KV cache {plan.kv_dtype}",
              f"{'':34}{'parameters':>14}{'total':>14}{'per device':>14}"]
     for t in plan.towers:
         lines.append(f"  {_TOWER_TITLES.get(t.name, t.name):32}{t.num_params:14,}{_gib(t.total_bytes):>14}"
@@ -212,4 +281,15 @@ def format_plan(plan: MemoryPlan, device_memory_gib: float | None = None) -> str
         verdict = "left for activations and temporaries" if left >= 0 else "OVER the device memory"
         lines.append(f"  {device_memory_gib:g} GiB per device: {abs(left) / 2**30:.2f} GiB {verdict}")
     lines.append("  (activations, compiler temporaries and runtime overhead come on top)")
+    lines.extend(_idle_note(idle) for idle in plan.idle_axes)
     return "\n".join(lines)
+
+
+def _idle_note(idle: IdleAxis) -> str:
+    """One line saying what ``idle`` leaves replicated, and which sizes would split something."""
+    titles = [_TOWER_TITLES.get(a, "the KV cache" if a == KV_CACHE else a) for a in idle.arrays]
+    dims = ", ".join(f"{name} {size}" for name, size in idle.dims)
+    sizes = idle.dividing_sizes()
+    advice = f"; sizes that divide some of them: {', '.join(map(str, sizes))}" if sizes else ""
+    return (f"note: {idle.axis}={idle.size} divides none of the dimensions it would split ({dims}), so "
+            f"{' and '.join(titles)} {'is' if len(titles) == 1 else 'are'} replicated over it{advice}")

@@ -63,3 +63,43 @@ def test_plan_bad_mesh_is_one_line(capsys):
     assert cli.main(["plan", "--mesh", "2x2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "2x2" in err and "DATAxFSDPxTENSOR" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mesh", "1x-1x1"], "--mesh 1x-1x1: fsdp=-1 must be a positive integer"),   # no devices: -1 means nothing
+    (["--mesh", "0x1x1"], "--mesh 0x1x1: data=0 must be a positive integer"),      # ... so it is not offered
+    (["--mesh", "2x2"], "--mesh 2x2: expected a mesh shape DATAxFSDPxTENSOR, e.g. 1x1x8 or 2x4x1"),
+    (["--mesh", "1x1x1", "--model", "no/such/model"], "--model no/such/model: not a checkpoint folder, a "
+     "config.json file, or one of the presets ['8b', 'minicpm-v-2_6', 'minicpmv-2_6', 'openbmb/minicpm-v-2_6', "
+     "'tiny']"),
+    (["--mesh", "1x1x1", "--batch", "0"], "--batch 0 must be positive"),
+], ids=["minus-one", "zero", "syntax", "model", "batch"])
+def test_plan_errors_name_the_flags(capsys, argv, message):
+    from minicpmv_jax import cli
+
+    assert cli.main(["plan", *argv]) == 2
+    assert capsys.readouterr().err == f"minicpmv-jax plan: error: {message}\n"
+
+
+def test_plan_notes_mesh_axes_that_split_nothing(capsys):
+    """3 divides neither Qwen2-7B's width 3584 nor its heads, MLP or vocabulary: on 3x3x3 the LLM is whole on
+    every device, and the plan says so, with the sizes that would split it."""
+    from minicpmv_jax import cli
+
+    assert cli.main(["plan", "--mesh", "3x3x3"]) == 0
+    out = capsys.readouterr().out
+    llm = next(line.split() for line in out.splitlines() if line.strip().startswith("llm"))
+    assert llm[3] == llm[5] and llm[4] == llm[6] == "GiB"    # per device = total: nothing split
+    assert [line for line in out.splitlines() if line.startswith("note:")] == [
+        "note: data=3 divides none of the dimensions it would split (cache_batch 1), so the KV cache is replicated "
+        "over it",
+        "note: fsdp=3 divides none of the dimensions it would split (embed 3584, cache_batch 1), so llm (Qwen2) and "
+        "the KV cache are replicated over it; sizes that divide some of them: 2, 4, 7, 8",
+        "note: tensor=3 divides none of the dimensions it would split (vocab 151666, embed 3584, kv_heads 4, "
+        "head_dim 128, heads 28, mlp 18944, cache_kv_heads 4, cache_head_dim 128), so llm (Qwen2) and the KV cache "
+        "are replicated over it; sizes that divide some of them: 2, 4, 7, 8",
+    ]
+    assert cli.main(["plan", "--mesh", "2x2x4", "--batch", "4"]) == 0     # every axis splits something
+    assert "note:" not in capsys.readouterr().out
+    assert cli.main(["plan", "--mesh", "1x1x1"]) == 0
+    assert "(1 device);" in capsys.readouterr().out

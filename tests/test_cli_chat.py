@@ -116,12 +116,207 @@ def test_hub_id_without_huggingface_hub_is_a_clear_error(capsys, tmp_path, monke
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--greedy", "--temperature", "0.5"], "--temperature only applies when sampling"),
-    (["--top-p", "1.5"], "top_p"),
-    (["--beams", "0"], "num_beams"),
+    (["--greedy", "--temperature", "0.5"], "--temperature only applies when sampling (drop --greedy / --beams)"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--beams", "0"], "--beams must be an int ≥ 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be an int ≥ 1, got 0"),
+    (["--min-new-tokens", "-1"], "--min-new-tokens must be an int ≥ 0, got -1"),
+    (["--max-slice-nums", "0"], "--max-slice-nums must be ≥ 1, got 0"),
+    (["--max-frames", "0"], "--max-frames must be ≥ 1, got 0"),
+    (["--max-image-pixels", "0"], "--max-image-pixels must be ≥ 1, got 0"),
+    (["--beams", "3", "--stream"], "--stream needs sampling or greedy decoding"),
     (["--image", "/nonexistent/x.png"], "x.png"),
     (["--video", "/nonexistent/v.mp4"], "v.mp4"),
 ])
-def test_chat_bad_arguments_are_one_line(capsys, tiny_checkpoint, argv, message):
-    code, _, err = run(capsys, "chat", "--model", tiny_checkpoint[0], "--max-new-tokens", 2, *argv, "hi")
+def test_chat_bad_arguments_are_one_line_naming_the_flag(capsys, tiny_checkpoint, argv, message):
+    code, _, err = run(capsys, "chat", "--model", tiny_checkpoint[0], *argv, "hi")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    python_names = ("max_new_tokens", "min_new_tokens", "top_p", "num_beams", "max_slice_nums", "max_frames",
+                    "max_pixels", "stream=True", "greedy=True")
+    assert not any(name in err for name in python_names), err
+
+
+def test_generate_bad_batch_size_names_the_flag(capsys, tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    code, _, err = run(capsys, "generate", "--model", tmp_path / "no-model", "--batch-size", 0,
+                       "--input", tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl")
+    assert code == 2 and "--batch-size must be ≥ 1, got 0" in err
+
+
+@pytest.mark.parametrize("command", ["chat", "generate", "info", "convert", "plan", "finetune", None])
+def test_help_is_plain_text(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"] if command else ["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "usage: minicpmv-jax" in out
+    for markup in ("``", ":mod:", ":func:", ":class:", ":meth:", "`"):
+        assert markup not in out, (command, markup)
+
+
+def test_info_help_says_it_checks_converted_folders_too(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "converted by 'minicpmv-jax convert'" in out and "HF-format" not in out
+
+
+# ---------------------------------------------------------------------------------------- empty prompts
+
+
+def test_empty_prompt_without_image_or_video_is_refused(capsys, tiny_checkpoint, tiny_model, tiny_processor, files,
+                                                        tmp_path):
+    code, out, err = run(capsys, "chat", "--model", tmp_path / "never-loaded", "  ")
+    assert code == 2 and out == "" and "empty" in err and "--image or --video" in err
+    # With an image, an empty prompt is a question about the image.
+    code, out, _ = run(capsys, "chat", "--model", tiny_checkpoint[0], "--greedy", "--max-new-tokens", 3,
+                       "--image", files / "a.png", "")
+    assert code == 0
+    # The library refuses an empty last user message too, naming the conversation in a batch.
+    with pytest.raises(ValueError, match="empty user message"):
+        tiny_model.chat(msgs=[{"role": "user", "content": " "}], processor=tiny_processor, max_new_tokens=2)
+    with pytest.raises(ValueError, match="conversation 1: the last message is an empty user message"):
+        tiny_model.chat(msgs=[[{"role": "user", "content": "hi"}], [{"role": "user", "content": ["", "\n"]}]],
+                        processor=tiny_processor, max_new_tokens=2)
+    img = load_image(files / "a.png")
+    assert isinstance(tiny_model.chat(image=img, msgs=[{"role": "user", "content": ""}], processor=tiny_processor,
+                                      sampling=False, num_beams=1, max_new_tokens=2), str)
+
+
+# ---------------------------------------------------------------------------------------- generate's files
+
+
+def _requests(folder, *requests) -> str:
+    path = folder / "requests.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    return path
+
+
+def test_generate_creates_the_output_folder_and_resolves_paths_against_the_input(
+        capsys, tiny_checkpoint, tiny_model, tiny_processor, files, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    (data / "img" / "a.png").write_bytes((files / "a.png").read_bytes())
+    src = _requests(data, {"id": "r", "prompt": "What is it?", "images": ["img/a.png"]})
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the image path is relative to the JSONL file, not to the current folder
+    dst = tmp_path / "new" / "deeper" / "answers.jsonl"
+    code, _, err = run(capsys, "generate", "--model", tiny_checkpoint[0], "--dtype", "float32", "--greedy",
+                       "--max-new-tokens", 4, "--input", src, "--output", dst)
+    assert code == 0, err
+    [line] = [json.loads(x) for x in dst.read_text().splitlines()]
+    want = tiny_model.chat(msgs=[{"role": "user", "content": [load_image(files / "a.png"), "What is it?"]}],
+                           processor=tiny_processor, sampling=False, num_beams=1, max_new_tokens=4)
+    assert line == {"id": "r", "answer": want}
+    assert "1 answered, 0 failed" in err
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["answers.jsonl"]  # no temporary file left
+
+
+def test_generate_refuses_an_existing_output_before_any_work(capsys, tmp_path):
+    src = _requests(tmp_path, {"prompt": "hi"})
+    dst = tmp_path / "answers.jsonl"
+    dst.write_text("precious\n")
+    code, _, err = run(capsys, "generate", "--model", tmp_path / "no-such-model", "--input", src, "--output", dst)
+    assert code == 2 and "already exists; pass --overwrite to replace it" in err
+    assert "no-such-model" not in err and dst.read_text() == "precious\n"
+    code, _, err = run(capsys, "generate", "--model", "m", "--input", src, "--output", src, "--overwrite")
+    assert code == 2 and "is the --input file" in err
+    code, _, err = run(capsys, "generate", "--model", "m", "--input", src, "--output", tmp_path)
+    assert code == 2 and "is a folder" in err
+
+
+def test_a_failed_generate_leaves_nothing_behind(capsys, tmp_path):
+    """Refused or failed: an existing output is unchanged, and a folder made for the output is gone."""
+    src = _requests(tmp_path, {"prompt": "hi"})
+    dst = tmp_path / "answers.jsonl"
+    dst.write_text("precious\n")
+    code, _, err = run(capsys, "generate", "--model", tmp_path / "no-such-model", "--input", src, "--output", dst,
+                       "--overwrite")
+    assert code == 2 and "no-such-model" in err and dst.read_text() == "precious\n"
+    code, _, _ = run(capsys, "generate", "--model", tmp_path / "no-such-model", "--input", src,
+                     "--output", tmp_path / "made" / "for" / "it.jsonl")
+    assert code == 2 and not (tmp_path / "made").exists()
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    code, _, err = run(capsys, "generate", "--model", "m", "--input", tmp_path / "empty.jsonl", "--output",
+                       tmp_path / "x.jsonl")
+    assert code == 2 and "no requests" in err and not (tmp_path / "x.jsonl").exists()
+
+
+def test_generate_overwrites_only_when_asked_and_reports_failures(capsys, tiny_checkpoint, files, tmp_path):
+    src = _requests(tmp_path, {"id": 1, "prompt": "x", "images": ["missing.png"]}, {"id": 2, "prompt": " "})
+    dst = tmp_path / "answers.jsonl"
+    dst.write_text("old\n")
+    args = ["generate", "--model", tiny_checkpoint[0], "--dtype", "float32", "--greedy", "--max-new-tokens", 2,
+            "--input", src, "--output", dst, "--overwrite"]
+    code, _, err = run(capsys, *args)
+    assert code == 1, err  # every request failed
+    lines = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert [x["id"] for x in lines] == [1, 2] and all("error" in x for x in lines)
+    assert str(tmp_path / "missing.png") in lines[0]["error"]
+    assert "'prompt' is empty" in lines[1]["error"]
+    assert "all 2 requests failed" in err
+    # One answered, one failed: status 0, and the count is said.
+    (tmp_path / "a.png").write_bytes((files / "a.png").read_bytes())
+    _requests(tmp_path, {"id": 1, "prompt": "x", "images": ["a.png"]}, {"id": 2, "prompt": ""})
+    code, _, err = run(capsys, *args)
+    assert code == 0 and "1 answered, 1 failed" in err
+
+
+def test_paths_expand_the_home_folder(capsys, tiny_checkpoint, files, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    (home / "ckpt").symlink_to(tiny_checkpoint[0])
+    (home / "a.png").write_bytes((files / "a.png").read_bytes())
+    _requests(home, {"id": "r", "prompt": "hi", "images": ["~/a.png"]})
+    common = ["--model", "~/ckpt", "--dtype", "float32", "--greedy", "--max-new-tokens", 2]
+    code, _, err = run(capsys, "generate", *common, "--input", "~/requests.jsonl", "--output=~/out/answers.jsonl")
+    assert code == 0, err
+    assert "answer" in json.loads((home / "out" / "answers.jsonl").read_text())
+    code, out, err = run(capsys, "chat", *common, "--image=~/a.png", "hi")
+    assert code == 0 and out.strip(), err
+    code, out, err = run(capsys, "info", "--model=~/ckpt")
+    assert code == 0 and ": OK" in out, err
+
+
+# ---------------------------------------------------------------------------------------- big images
+
+
+def test_max_image_pixels_is_a_flag(capsys, tiny_checkpoint, files):
+    code, _, err = run(capsys, "chat", "--model", tiny_checkpoint[0], "--max-image-pixels", 50_000,
+                       "--image", files / "a.png", "hi")  # 300x200 = 60,000 pixels
+    assert code == 2 and "60,000 pixels, more than the limit of 50,000 (--max-image-pixels)" in err
+    assert "raise --max-image-pixels to accept it" in err and "max_pixels" not in err
+    code, _, err = run(capsys, "chat", "--model", tiny_checkpoint[0], "--max-image-pixels", 60_000, "--greedy",
+                       "--max-new-tokens", 2, "--image", files / "a.png", "hi")
+    assert code == 0, err
+
+
+def test_a_large_image_gets_one_line_of_ours_not_pils_warning(capsys, tmp_path):
+    """A 100-megapixel image (above PIL's warning threshold): one warning line of ours, PIL's guard is
+    restored afterwards, and PIL's own DecompressionBombWarning never fires."""
+    import warnings
+
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.new("L", (10_000, 10_000)).save(big)
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run(capsys, "chat", "--model", tmp_path / "no-model", "--image", big, "hi")
+    assert Image.MAX_IMAGE_PIXELS == pil_limit
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    warning, error = err.strip().splitlines()  # loaded with a warning, then the (missing) model stops it
+    assert warning.startswith("minicpmv-jax chat: warning: image") and "100,000,000 pixels" in warning
+    assert "site-packages" not in err and code == 2 and "no-model" in error
+
+
+def test_convert_demo_gives_a_small_checkpoint_to_try(capsys, tmp_path, monkeypatch):
+    """`convert demo DST`: the README's way to try conversion without downloading 16 GB."""
+    monkeypatch.setenv("MINICPMV_JAX_CACHE", str(tmp_path / "cache"))
+    code, out, err = run(capsys, "convert", "demo", tmp_path / "demo-orbax")
+    assert code == 0, err
+    assert "converted    demo ->" in out
+    code, out, err = run(capsys, "info", "--model", tmp_path / "demo-orbax")
+    assert code == 0 and "converted (Orbax)" in out, err

@@ -69,7 +69,8 @@ def test_finetune_trains_logs_resumes_and_exports(capsys, tiny_checkpoint, files
     assert json.loads((output / "model" / "convert_manifest.json").read_text())["finetune"]["step"] == 3
 
     code, out, err = run(capsys, *args, "--steps", 3)              # the folder is taken
-    assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert err == (f"minicpmv-jax finetune: error: --output {output} exists and is not empty: pass --resume to "
+                   "continue its run, or choose a new folder\n") and code == 2
     code, out, err = run(capsys, *args, "--steps", 5, "--resume")  # continue to step 5
     assert code == 0, err
     assert out.splitlines()[0].startswith("resuming at step 3")
@@ -85,12 +86,15 @@ def test_finetune_trains_logs_resumes_and_exports(capsys, tiny_checkpoint, files
 @pytest.mark.parametrize("argv, expected", [
     ((), "no such file"),                                            # --data points nowhere
     (("--data", "broken.json"), "broken.json"),
-    (("--data", "bad.json", "--on-bad", "error"), "lost"),
-    (("--mesh", "2x2"), "expected DATAxFSDPxTENSOR"),
-    (("--mesh", "3x1x1"), "devices"),
+    (("--data", "bad.json", "--on-bad", "error"), "(id 'lost'): image file not found"),
+    (("--data", "bad.json", "--on-bad", "error"), "; --on-bad skip leaves them out"),
+    (("--mesh", "2x2"), "--mesh 2x2: expected a mesh shape DATAxFSDPxTENSOR"),
+    (("--mesh", "3x1x1"), "--mesh 3x1x1: data=3 × fsdp=1 × tensor=1 = 3 devices, but 8 devices are given"),
+    (("--mesh", "0x1x1"), "--mesh 0x1x1: data=0 must be a positive integer or -1 (the rest of the devices)"),
     (("--warmup", 9, "--steps", 4), "--warmup 9"),
     (("--lora-dropout", 1.5), "--lora-dropout"),
-], ids=["missing-data", "broken-json", "bad-sample", "mesh-syntax", "mesh-size", "warmup", "dropout"])
+], ids=["missing-data", "broken-json", "bad-sample", "bad-sample-remedy", "mesh-syntax", "mesh-size", "mesh-zero",
+        "warmup", "dropout"])
 def test_bad_input_is_one_line(capsys, tiny_checkpoint, files, tmp_path, argv, expected):
     output = tmp_path / "run"
     args = list(finetune_args(tiny_checkpoint[0], files, output))
@@ -103,6 +107,7 @@ def test_bad_input_is_one_line(capsys, tiny_checkpoint, files, tmp_path, argv, e
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("minicpmv-jax finetune: error: ") and expected in lines[0], err
+    assert "on_bad" not in err and "make_mesh" not in err      # flags, not Python names
     assert not output.exists()
 
 
@@ -113,6 +118,7 @@ def test_bad_samples_are_skipped_by_default(capsys, tiny_checkpoint, files, tmp_
     assert code == 0, err
     warning = [line for line in err.splitlines() if "warning" in line]
     assert len(warning) == 1 and "1 of 3 samples are bad" in warning[0] and "lost" in warning[0]
+    assert warning[0].endswith("; they are skipped (--on-bad skip)") and "on_bad" not in warning[0]
     assert not (tmp_path / "run" / "model").exists()
 
 
@@ -142,3 +148,55 @@ def test_flags_map_onto_the_train_config():
     assert full.lora is None and full.learning_rate == 1e-5
     with pytest.raises(SystemExit):
         parse(base + ["--steps", "3", "--epochs", "2"])               # one or the other
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_checkpoint, files, tmp_path_factory):
+    """The folder of a finished 1-step run (LoRA rank 8, --batch-size 2, --grad-accum 1, seed 0)."""
+    output = tmp_path_factory.mktemp("finished") / "run"
+    argv = finetune_args(tiny_checkpoint[0], files, output, "--steps", 1, "--no-export")
+    assert cli.main([str(a) for a in argv]) == 0
+    return output
+
+
+@pytest.mark.parametrize("change, then, now", [
+    (("--batch-size", 1), "--batch-size 2", "--batch-size 1"),
+    (("--grad-accum", 2), "--grad-accum 1", "--grad-accum 2"),
+    (("--full",), "--lora-rank 8", "--full"),
+    (("--no-train-resampler",), "--train-resampler", "--no-train-resampler"),
+], ids=["batch-size", "grad-accum", "full", "train-resampler"])
+def test_resume_with_other_settings_names_the_flag(capsys, tiny_checkpoint, files, finished_run, change, then, now):
+    """Changing a setting between runs is blamed on that flag, with both values (not on the data)."""
+    argv = finetune_args(tiny_checkpoint[0], files, finished_run, "--steps", 1, "--no-export", "--resume", *change)
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and err == (
+        f"minicpmv-jax finetune: error: --output {finished_run} holds a checkpoint (step 1) written with {then}; "
+        f"this run has {now}: resume with the same settings, or start a new run in another folder\n")
+
+
+def test_resume_with_other_data_names_the_data(capsys, tiny_checkpoint, files, finished_run):
+    argv = list(finetune_args(tiny_checkpoint[0], files, finished_run, "--steps", 1, "--no-export", "--resume"))
+    argv[argv.index("--data") + 1] = files / "bad.json"                # 2 usable samples of 3, not 4 of 4
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and err.splitlines()[-1] == (
+        f"minicpmv-jax finetune: error: --output {finished_run} holds a checkpoint (step 1) trained on other data "
+        "than this run's --data (4 usable samples then, 2 now): the batches would not continue; resume with the "
+        "same data, or start a new run in another folder")
+
+
+def test_resume_may_change_what_does_not_change_the_run(capsys, tiny_checkpoint, files, finished_run):
+    """--on-bad, --no-remat and --no-loss-chunk change no batch and no result: the run resumes (here: at its
+    last step, so there is nothing left to train)."""
+    argv = finetune_args(tiny_checkpoint[0], files, finished_run, "--steps", 1, "--no-export", "--resume",
+                         "--on-bad", "error", "--no-remat", "--no-loss-chunk")
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert out.startswith("resuming at step 1")
+
+
+def test_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["finetune", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "LoRA or full fine-tuning on a JSON or JSONL data file" in out
+    assert not any(markup in out for markup in ("``", ":mod:", ":class:", ":func:")), out

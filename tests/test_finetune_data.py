@@ -320,6 +320,9 @@ def test_bad_samples_are_skipped_and_reported(images, processor):
         assert b.location.endswith(f"bad.jsonl:{line}")
     message = str(record[0].message)
     assert all(f"(id {c[1]!r})" in message for c in cases)
+    # Python's words for the setting; the report and the samples are there for a front end's own words
+    assert message == record[0].message.report + "\nthey are skipped (on_bad='skip')"
+    assert record[0].message.bad == ds.bad
 
 
 def test_bad_samples_refused_with_one_error(images, processor):
@@ -328,8 +331,12 @@ def test_bad_samples_refused_with_one_error(images, processor):
         load(images, processor, [SINGLE] + [c[0] for c in cases], "bad.jsonl", max_length=256, on_bad="error")
     assert [b.sample_id for b in err.value.bad] == [c[1] for c in cases]
     assert "bad.jsonl:13 (id 'long')" in str(err.value)
+    assert str(err.value) == err.value.report + "\n(on_bad='skip' leaves them out)" and err.value.skippable
     with pytest.raises(SampleError, match="no usable sample"):
         load(images, processor, [c[0] for c in cases[:3]], "allbad.jsonl")
+    with pytest.raises(SampleError, match="3 of 3 samples are bad") as err:
+        load(images, processor, [c[0] for c in cases[:3]], "allbad.jsonl", on_bad="error")
+    assert not err.value.skippable and "on_bad" not in str(err.value)   # skipping would leave nothing
 
 
 def test_file_and_config_errors(images, processor, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -18,11 +19,12 @@ from PIL import Image
 from minicpmv_jax import MiniCPMV, MiniCPMVProcessor, cli
 from minicpmv_jax import orbax_checkpoint as ock
 from minicpmv_jax.demo import demo_checkpoint
+from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.finetune.batching import FinetuneDataset
 from minicpmv_jax.finetune.checkpoint import TrainCheckpointer
 from minicpmv_jax.finetune.config import LoRAConfig, TrainConfig
-from minicpmv_jax.finetune.data import DataConfig
-from minicpmv_jax.finetune.trainer import CHECKPOINT_DIR, LoopConfig, fit, read_log
+from minicpmv_jax.finetune.data import DataConfig, load_samples
+from minicpmv_jax.finetune.trainer import CHECKPOINT_DIR, LoopConfig, SettingChangedError, fit, read_log
 from minicpmv_jax.finetune.train_step import Trainer
 from reference import rel_err
 
@@ -170,7 +172,7 @@ def test_resume_logs_what_the_uninterrupted_run_logs(base, data, processor, unin
     before = read_log(output)
     assert before and before[-1]["step"] == (10 if exc is RuntimeError else 6)
 
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match=r"exists and is not empty: pass resume=True to continue"):
         run(base, data, processor, output)
     resumed = run(base, data, processor, output, loop=dataclasses.replace(LOOP, resume=True))
     assert resumed.resumed_from == kept[-1]
@@ -180,14 +182,27 @@ def test_resume_logs_what_the_uninterrupted_run_logs(base, data, processor, unin
 
 
 def test_resume_refuses_other_settings(base, data, processor, uninterrupted):
-    """Resuming with another learning rate or batch size is refused before anything is trained or written."""
+    """Resuming with another learning rate, batch size or LoRA rank, or with other samples, is refused before
+    anything is trained or written; the error names the setting (as Python spells it) or the data."""
     output = uninterrupted.output
     files = sorted(os.listdir(output)), read_log(output)
     resume = dataclasses.replace(LOOP, resume=True)
-    with pytest.raises(ValueError, match=r"TrainConfig.learning_rate=0.02, this run has 0.01"):
+    held = f"output={output!r} holds a checkpoint (step 12) "
+    with pytest.raises(SettingChangedError, match=re.escape(
+            held + "written with TrainConfig.learning_rate=0.02; this run has TrainConfig.learning_rate=0.01")):
         run(base, data, processor, output, loop=resume, config=dataclasses.replace(CONFIG, learning_rate=1e-2))
+    with pytest.raises(SettingChangedError, match=r"TrainConfig.lora.rank=4; this run has TrainConfig.lora.rank=2"):
+        run(base, data, processor, output, loop=resume,
+            config=dataclasses.replace(CONFIG, lora=LoRAConfig(rank=2, alpha=8.0, dropout=0.1)))
     train, _ = datasets(data, processor, batch_size=1)
-    with pytest.raises(ValueError, match="training data differ .*batches_per_epoch: 2 then, 4 now"):
+    with pytest.raises(SettingChangedError, match=r"DataConfig.batch_size=2; this run has DataConfig.batch_size=1") \
+            as err:
+        fit(MiniCPMV.from_pretrained(base, dtype="float32"), train, CONFIG, output, base_model=base, loop=resume)
+    assert (err.value.setting, err.value.before, err.value.now) == ("DataConfig.batch_size", 2, 1)
+    train = FinetuneDataset.from_samples(load_samples(data / "train.json")[:3], processor,
+                                         datasets(data, processor)[0].config)
+    with pytest.raises(ArgumentError, match=re.escape(held + "trained on other data than this run's dataset (4 "
+                                                      "usable samples then, 3 now)")):
         fit(MiniCPMV.from_pretrained(base, dtype="float32"), train, CONFIG, output, base_model=base, loop=resume)
     assert (sorted(os.listdir(output)), read_log(output)) == files
 

@@ -10,6 +10,7 @@ from minicpmv_jax import config as C
 from minicpmv_jax.config import ConfigError
 from minicpmv_jax.hf_checkpoint import CheckpointError
 from minicpmv_jax.model import MiniCPMV
+from minicpmv_jax.processor import MiniCPMVProcessor
 from minicpmv_jax.testing.checkpoint import write_checkpoint
 
 SMALL = C.tiny(vocab_size=1009, num_layers=2, vision_layers=2)
@@ -129,8 +130,32 @@ def test_bad_dtype_and_path(tmp_path):
     _write(tmp_path, num_shards=1)
     with pytest.raises(ValueError, match=r"dtype='float8'"):
         MiniCPMV.from_pretrained(tmp_path, dtype="float8")
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(CheckpointError, match="nope: no such folder"):
         MiniCPMV.from_pretrained(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="config.json: not a directory"):
+        MiniCPMV.from_pretrained(tmp_path / "config.json")
+
+
+def test_from_pretrained_expands_the_home_folder(tmp_path, monkeypatch, tiny_checkpoint):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "MiniCPM-V-2_6").symlink_to(tiny_checkpoint[0])
+    model = MiniCPMV.from_pretrained("~/MiniCPM-V-2_6", dtype="float32")
+    np.testing.assert_array_equal(np.asarray(model.llm.embed_tokens.embedding[...]),
+                                  tiny_checkpoint[1]["llm.model.embed_tokens.weight"])
+    processor = MiniCPMVProcessor.from_pretrained("~/MiniCPM-V-2_6")
+    assert processor.tokenizer.vocab_size == MiniCPMVProcessor.from_pretrained(tiny_checkpoint[0]).tokenizer.vocab_size
+
+
+def test_the_demo_model_from_python(tmp_path, monkeypatch):
+    from minicpmv_jax.demo import demo_config
+
+    monkeypatch.setenv("MINICPMV_JAX_CACHE", str(tmp_path / "cache"))
+    model = MiniCPMV.from_pretrained("demo", dtype="float32")
+    processor = MiniCPMVProcessor.from_pretrained("demo")
+    assert model.config == demo_config() and (tmp_path / "cache" / "demo-v1" / "config.json").is_file()
+    answer = model.chat(msgs=[{"role": "user", "content": "Hello"}], processor=processor, sampling=False,
+                        num_beams=1, max_new_tokens=3)
+    assert isinstance(answer, str)
 
 
 def test_vision_and_resampler_tensors_land_in_their_parameters(tmp_path):

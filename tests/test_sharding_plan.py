@@ -99,6 +99,7 @@ def test_format_plan():
     text = S.format_plan(plan, device_memory_gib=16)
     per_device = (sum(hand_per_device(n, 2, 4) for n in TOWERS) + 2 * 28 * 4 * 8192 * 512 * 2 // 8) / 2**30
     assert "data=1 × fsdp=2 × tensor=4 (8 devices)" in text
+    assert "data=1 × fsdp=1 × tensor=1 (1 device)" in S.format_plan(S.plan_memory(tiny(), (1, 1, 1)))
     assert "8,083,935,648" in text
     assert f"{per_device:.2f} GiB" in text
     assert f"16 GiB per device: {16 - per_device:.2f} GiB left" in text
@@ -112,9 +113,43 @@ def test_model_argument_forms(tmp_path):
     by_path = S.plan_memory(str(tmp_path), (1, 2, 4), dtype="float32")
     assert by_path == S.plan_memory("tiny", (1, 2, 4), dtype="float32")
     assert by_path == S.plan_memory(tmp_path / "config.json", (1, 2, 4), dtype="float32")
-    with pytest.raises(ValueError, match=r"--model 'no/such/model': not a checkpoint folder"):
+    with pytest.raises(ValueError, match=r"^model='no/such/model': not a checkpoint folder"):
         S.plan_memory("no/such/model", (1, 1, 1))
     with pytest.raises(ValueError, match="mesh shape"):
         S.plan_memory("tiny", "1x8")
-    with pytest.raises(ValueError, match="batch=0"):
+    with pytest.raises(ValueError, match=r"^mesh='1x-1x1': fsdp=-1 must be a positive integer$"):
+        S.plan_memory("tiny", "1x-1x1")                 # no devices to take the rest of
+    with pytest.raises(ValueError, match=r"^fsdp=-1 must be a positive integer$"):
+        S.plan_memory("tiny", (1, -1, 1))
+    with pytest.raises(ValueError, match="^batch=0 must be positive"):
         S.plan_memory("tiny", (1, 1, 1), batch=0)
+
+
+def test_idle_axes_are_found_from_the_rules_and_shapes():
+    """3 divides none of Qwen2-7B's split dimensions (but SigLIP's width 1152 and head size 72): each axis of a
+    3x3x3 mesh leaves the LLM and/or the KV cache whole, and the plan says which dimensions it would split."""
+    plan = S.plan_memory(minicpmv_2_6(), (3, 3, 3))
+    assert plan.idle_axes == (
+        S.IdleAxis("data", 3, ("kv_cache",), (("cache_batch", 1),)),
+        S.IdleAxis("fsdp", 3, ("llm", "kv_cache"), (("embed", D), ("cache_batch", 1))),
+        S.IdleAxis("tensor", 3, ("llm", "kv_cache"), (("vocab", V), ("embed", D), ("kv_heads", 4), ("head_dim", 128),
+                                                      ("heads", 28), ("mlp", F), ("cache_kv_heads", 4),
+                                                      ("cache_head_dim", 128))),
+    )
+    assert [i.dividing_sizes() for i in plan.idle_axes] == [(), (2, 4, 7, 8), (2, 4, 7, 8)]
+    towers = {t.name: t for t in plan.towers}
+    assert towers["llm"].per_device_bytes == towers["llm"].total_bytes
+    assert towers["vpm"].per_device_bytes < towers["vpm"].total_bytes
+    text = S.format_plan(plan)
+    assert ("note: fsdp=3 divides none of the dimensions it would split (embed 3584, cache_batch 1), so llm (Qwen2) "
+            "and the KV cache are replicated over it; sizes that divide some of them: 2, 4, 7, 8") in text.splitlines()
+    # Every axis splits something of every tower and of the cache: no note.
+    assert S.plan_memory(minicpmv_2_6(), (2, 2, 4), batch=4).idle_axes == ()
+    assert "note:" not in S.format_plan(S.plan_memory(minicpmv_2_6(), (2, 2, 4), batch=4))
+    # The rules decide what an axis would split: without fsdp for the vision width, the resampler (whose
+    # other width, 3584, 3 does not divide) is left whole too.
+    assert [(i.axis, i.arrays) for i in S.plan_memory(minicpmv_2_6(), (1, 3, 1), batch=3).idle_axes] == \
+        [("fsdp", ("llm",))]
+    rules = S.override_rules(S.RULES, {"vision_embed": ()})
+    assert [(i.axis, i.arrays) for i in S.plan_memory(minicpmv_2_6(), (1, 3, 1), batch=3, rules=rules).idle_axes] \
+        == [("fsdp", ("llm", "resampler"))]

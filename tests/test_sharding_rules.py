@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 import sharding as S
 from minicpmv_jax.config import minicpmv_2_6, tiny
+from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.kv_cache import KVCache
 from minicpmv_jax.model import MiniCPMV
 
@@ -53,17 +54,20 @@ def test_make_mesh_rest_of_devices():
 
 
 def test_make_mesh_errors_name_the_product():
-    with pytest.raises(ValueError, match=r"data=2 × fsdp=2 × tensor=4 = 16 devices, but 8 devices"):
+    with pytest.raises(ValueError, match=r"^data=2 × fsdp=2 × tensor=4 = 16 devices, but 8 devices are given"):
         S.make_mesh(data=2, fsdp=2, tensor=4)
-    with pytest.raises(ValueError, match=r"data=1 × fsdp=1 × tensor=1 = 1 devices, but 8 devices"):
+    with pytest.raises(ValueError, match=r"^data=1 × fsdp=1 × tensor=1 = 1 device, but 8 devices are given"):
         S.make_mesh(data=1, fsdp=1, tensor=1)
+    with pytest.raises(ValueError, match=r"= 2 devices, but 1 device is given"):
+        S.make_mesh(data=2, fsdp=1, devices=jax.devices()[:1])
     with pytest.raises(ValueError, match=r"fsdp=-1 takes the rest of the 8 devices, but 8 is not divisible by "
                                          r"data=1 × tensor=3 = 3"):
         S.make_mesh(tensor=3)
     with pytest.raises(ValueError, match=r"only one axis may be -1"):
         S.make_mesh(data=-1, fsdp=-1)
-    with pytest.raises(ValueError, match=r"tensor=0 must be a positive integer or -1"):
+    with pytest.raises(ArgumentError, match=r"^tensor=0 must be a positive integer or -1") as err:
         S.make_mesh(tensor=0)
+    assert err.value.settings == ("tensor=0",)       # the setting, for a front end to name its own way
     with pytest.raises(ValueError, match=r"no devices"):
         S.make_mesh(devices=[])
 
@@ -71,9 +75,18 @@ def test_make_mesh_errors_name_the_product():
 def test_parse_mesh_shape():
     assert S.parse_mesh_shape("1x1x8") == (1, 1, 8)
     assert S.parse_mesh_shape(" 2X4x-1 ") == (2, 4, -1)
-    for bad in ("8", "1x8", "1x0x8", "axbxc", "1x1x1x1"):
-        with pytest.raises(ValueError, match="mesh shape"):
+    for bad in ("8", "1x8", "axbxc", "1x1x1x1"):
+        with pytest.raises(ArgumentError, match=f"^mesh={bad!r}: expected a mesh shape DATAxFSDPxTENSOR"):
             S.parse_mesh_shape(bad)
+    with pytest.raises(ArgumentError, match=r"^mesh='1x0x8': fsdp=0 must be a positive integer or -1 \(the rest"):
+        S.parse_mesh_shape("1x0x8")
+    # Without devices (a plan), -1 means nothing: the error says so without offering it.
+    assert S.parse_mesh_shape("2x4x1", allow_rest=False) == (2, 4, 1)
+    for bad, axis in (("1x-1x1", "fsdp=-1"), ("0x1x1", "data=0")):
+        with pytest.raises(ArgumentError, match=f"^mesh={bad!r}: {axis} must be a positive integer$"):
+            S.parse_mesh_shape(bad, allow_rest=False)
+    with pytest.raises(ArgumentError, match=r"^fsdp=-1 must be a positive integer$"):
+        S.abstract_mesh(1, -1, 1)
 
 
 # --------------------------------------------------------------------------- resolver

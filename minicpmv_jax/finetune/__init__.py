@@ -20,7 +20,8 @@ use: ``import minicpmv_jax.finetune`` alone does not load Orbax)::
   :class:`TrainState`, :class:`TrainBatch`, :func:`describe_trainable`;
 * checkpoints and export (:mod:`.checkpoint`, :mod:`.export`): :class:`TrainCheckpointer`, :func:`export_model`;
 * the loop (:mod:`.trainer`; ``minicpmv-jax finetune`` wraps it): :func:`fit`, :class:`LoopConfig`,
-  :class:`FitResult`, :func:`evaluate`, :func:`read_log`.
+  :class:`FitResult`, :func:`evaluate`, :func:`read_log`, and its errors :class:`OutputExistsError`,
+  :class:`SettingChangedError`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ _EXPORTS = {
     "TrainCheckpointer": "checkpoint",
     "export_model": "export",
     "fit": "trainer", "LoopConfig": "trainer", "FitResult": "trainer", "evaluate": "trainer", "read_log": "trainer",
+    "OutputExistsError": "trainer", "SettingChangedError": "trainer",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -55,7 +57,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .lora import apply_lora, merge_lora
     from .train_state import TrainState, describe_trainable
     from .train_step import Trainer
-    from .trainer import FitResult, LoopConfig, evaluate, fit, read_log
+    from .trainer import FitResult, LoopConfig, OutputExistsError, SettingChangedError, evaluate, fit, read_log
 
 
 def __getattr__(name: str) -> Any:

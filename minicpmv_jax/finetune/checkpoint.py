@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from minicpmv_jax import orbax_checkpoint as ock
+from minicpmv_jax.hub import resolve_model
 
 from .config import TrainConfig
 from .train_state import TrainState
@@ -61,7 +62,8 @@ class TrainCheckpointer:
     Args:
       directory: the run's checkpoint folder (created if missing).
       config: the run's :class:`TrainConfig` (recorded; checked on restore).
-      base_model: the folder the model was loaded from (recorded: a LoRA checkpoint needs it).
+      base_model: what the model was loaded from, as for ``from_pretrained`` (its folder is recorded: a LoRA
+        checkpoint needs it).
       lora_targets: the modules that have adapters (``Trainer.lora_targets``; recorded).
       save_every: :meth:`save` writes only every ``save_every`` steps, unless ``force``.
       max_to_keep: how many of the latest checkpoints stay (None: all).
@@ -75,7 +77,7 @@ class TrainCheckpointer:
             raise ValueError(f"save_every must be ≥ 1, got {save_every}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.config = config
-        self.base_model = None if base_model is None else os.path.abspath(os.fspath(base_model))
+        self.base_model = None if base_model is None else os.path.abspath(resolve_model(base_model))
         self.lora_targets = list(lora_targets)
         self.info = dict(info or {})
         self.save_every = save_every

@@ -140,15 +140,30 @@ def default_buckets(max_length: int) -> tuple[int, ...]:
 
 
 class SampleError(ValueError):
-    """Bad samples in a data file (``on_bad="error"``), or no usable sample at all; ``bad`` lists them."""
+    """Bad samples in a data file (``on_bad="error"``), or no usable sample at all.
 
-    def __init__(self, message: str, bad: Sequence["BadSample"] = ()) -> None:
-        super().__init__(message)
+    Attributes:
+      report: what is wrong, e.g. the bad samples by id, file and line.
+      bad: the bad samples.
+      skippable: ``on_bad="skip"`` would have left the bad samples out instead (the message says so after
+        the report; a command line can say it with its own option).
+    """
+
+    def __init__(self, report: str, bad: Sequence["BadSample"] = (), skippable: bool = False) -> None:
+        super().__init__(report + ("\n(on_bad='skip' leaves them out)" if skippable else ""))
+        self.report = report
         self.bad = list(bad)
+        self.skippable = skippable
 
 
 class SkippedSamplesWarning(UserWarning):
-    """Bad samples were left out of a dataset (``on_bad="skip"``)."""
+    """Bad samples were left out of a dataset (``on_bad="skip"``): ``report`` names them, ``bad`` lists them
+    (the message is the report and a line saying they are skipped because of ``on_bad``)."""
+
+    def __init__(self, report: str, bad: Sequence["BadSample"]) -> None:
+        super().__init__(report + "\nthey are skipped (on_bad='skip')")
+        self.report = report
+        self.bad = list(bad)
 
 
 class _Refused(Exception):
@@ -227,7 +242,8 @@ class EncodedSample:
 
 
 def load_samples(path: str | os.PathLike) -> list[RawSample]:
-    """Reads a data file: a JSON array (the file starts with ``[``) or JSONL (one sample per line).
+    """Reads a data file (``~`` expanded): a JSON array (the file starts with ``[``) or JSONL (one sample per
+    line).
 
     A JSONL line that is not valid JSON becomes a RawSample with ``error`` set (a bad sample, reported
     later); blank lines are ignored.
@@ -236,7 +252,7 @@ def load_samples(path: str | os.PathLike) -> list[RawSample]:
       FileNotFoundError: no such file.
       ValueError: the file is not UTF-8, a JSON array that does not parse, or holds no sample.
     """
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"fine-tuning data file {path} not found")
     try:
@@ -446,12 +462,11 @@ def encode_samples(raw: Sequence[RawSample], processor: MiniCPMVProcessor, confi
     samples = [r for r in results if isinstance(r, EncodedSample)]
     bad = [r for r in results if isinstance(r, BadSample)]
     if bad and config.on_bad == "error":
-        raise SampleError(_report(bad, len(raw), source) + "\n(on_bad='skip' leaves them out)", bad)
+        raise SampleError(_report(bad, len(raw), source), bad, skippable=bool(samples))
     if not samples:
         raise SampleError(f"{source}: no usable sample" + (f"\n{_report(bad, len(raw), source)}" if bad else ""), bad)
     if bad:
-        warnings.warn(_report(bad, len(raw), source) + "\nthey are skipped (on_bad='skip')", SkippedSamplesWarning,
-                      stacklevel=4)
+        warnings.warn(SkippedSamplesWarning(_report(bad, len(raw), source), bad), stacklevel=4)
     return samples, bad
 
 

@@ -25,6 +25,7 @@ from flax import nnx
 
 from convert_weights import check_destination, copy_aux_files, staged
 from minicpmv_jax import orbax_checkpoint as ock
+from minicpmv_jax.hub import resolve_model
 from minicpmv_jax.model import as_dtype
 
 from .lora import lora_modules, merge_lora
@@ -47,14 +48,14 @@ def export_model(model: nnx.Module, dst: str | os.PathLike, *, base_model: str |
       model: a :class:`~minicpmv_jax.model.MiniCPMV`, e.g. ``Trainer.model(state)``.
       dst: the new folder. An existing one is replaced only with ``overwrite``, and only if this package
         wrote it (as for ``minicpmv-jax convert``).
-      base_model: the folder the model was loaded from: its config, tokenizer and preprocessor files are
-        copied.
+      base_model: what the model was loaded from (a folder, ``~`` expanded, ``"demo"`` or a Hub id, as
+        for ``from_pretrained``): its config, tokenizer and preprocessor files are copied.
       dtype: store every parameter in this dtype (``"bfloat16"``, ...); default: as they are in ``model``
         (float32 for trained parameters, the load dtype for frozen ones).
       info: JSON-able facts recorded in the manifest under ``"finetune"`` (e.g. the TrainConfig and step).
     """
     dst = os.path.normpath(os.fspath(dst))
-    base = os.fspath(base_model)
+    base = resolve_model(base_model)
     if not os.path.isfile(os.path.join(base, "config.json")):
         raise FileNotFoundError(f"{base}: no config.json (base_model must be the folder the model was loaded from)")
     check_destination(dst, base, overwrite)

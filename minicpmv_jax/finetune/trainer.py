@@ -26,12 +26,15 @@ included). An eval entry: ``step``, ``eval_loss`` (mean over every target token 
 entries after its step and continues: the same batches, dropout keys and window sums (saved in the
 checkpoint's metadata), so the log of a resumed run equals an uninterrupted one's in every field but the
 timings. The data and train configs must match the checkpoint's (``total_steps`` may grow: the schedule
-then changes). Ctrl-C saves the current step before stopping.
+then changes; ``loss_chunk``, ``remat`` and ``on_bad`` may change), and so must the samples (their number,
+the bad ones skipped, their tokens): an :class:`~minicpmv_jax.errors.ArgumentError` names the setting that
+differs, or the data. Ctrl-C saves the current step before stopping.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import queue
@@ -45,22 +48,28 @@ import numpy as np
 from tqdm import tqdm
 
 import sharding
+from minicpmv_jax.errors import ArgumentError
 
 from .batching import FinetuneDataset
 from .checkpoint import TrainCheckpointer
 from .config import TrainConfig
+from .data import DataConfig
 from .export import export_model
 from .train_state import TrainState, describe_trainable
 from .train_step import Trainer
 
-__all__ = ["LoopConfig", "FitResult", "fit", "evaluate", "read_log", "prefetch", "check_output", "LOG_FILE",
-           "CHECKPOINT_DIR", "MODEL_DIR"]
+__all__ = ["LoopConfig", "FitResult", "fit", "evaluate", "read_log", "prefetch", "check_output",
+           "OutputExistsError", "SettingChangedError", "LOG_FILE", "CHECKPOINT_DIR", "MODEL_DIR"]
 
 LOG_FILE = "log.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
-# TrainConfig fields a resumed run may change (every other difference is an error).
-_RESUMABLE_CHANGES = ("total_steps", "loss_chunk")   # loss_chunk changes no result, only memory
+# TrainConfig fields a resumed run may change (every other difference is an error): loss_chunk and remat
+# change no result, only memory and speed.
+_RESUMABLE_CHANGES = ("total_steps", "loss_chunk", "remat")
+# DataConfig fields a resumed run may change: on_bad only decides whether bad samples stop the run (which
+# samples are used is compared on its own).
+_RESUMABLE_DATA_CHANGES = ("on_bad",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,33 +264,86 @@ class _Window:
 # --------------------------------------------------------------------------- fit
 
 
+class OutputExistsError(ArgumentError, FileExistsError):
+    """The output folder cannot hold a new run: it is not a folder, or not empty without ``resume`` (a
+    ``FileExistsError`` whose message names the settings ``output`` and ``resume``)."""
+
+
 def check_output(output: str, resume: bool) -> None:
-    """Raises ``FileExistsError`` unless ``output`` may hold a new run (absent or empty) or ``resume`` is set."""
+    """Raises :class:`OutputExistsError` unless ``output`` may hold a new run (absent or empty) or ``resume``
+    is set."""
     if os.path.exists(output) and not os.path.isdir(output):
-        raise FileExistsError(f"output {output} exists and is not a folder")
+        raise OutputExistsError("{} exists and is not a folder", f"output={output!r}")
     if not resume and os.path.isdir(output) and os.listdir(output):
-        raise FileExistsError(f"output {output} exists and is not empty: pass --resume (resume=True) to continue "
-                              "its run, or choose a new folder")
+        raise OutputExistsError("{} exists and is not empty: pass {} to continue its run, or choose a new folder",
+                                f"output={output!r}", "resume=True")
+
+
+class SettingChangedError(ArgumentError):
+    """Resuming the checkpoint in ``output`` (of ``step``) with another value of a setting: ``setting``
+    (``"DataConfig.batch_size"``, ``"TrainConfig.lora.rank"``) was ``before`` then and is ``now``.
+
+    ``spell(name, value)`` writes a setting into the message, by default as Python does (``batch_size=2``);
+    a front end raises the error again with its own spelling (e.g. a command line's argparse dest and value,
+    which it then names by the flag).
+    """
+
+    def __init__(self, output: str, step: int, setting: str, before: Any, now: Any,
+                 spell: Callable[[str, Any], str] = lambda name, value: f"{name}={value!r}") -> None:
+        super().__init__("{} holds a checkpoint (step {step}) written with {}; this run has {}: resume with the "
+                         "same settings, or start a new run in another folder",
+                         spell("output", output), spell(setting, before), spell(setting, now), step=step)
+        self.output, self.step, self.setting, self.before, self.now = output, step, setting, before, now
 
 
 def _data_info(dataset: FinetuneDataset) -> dict:
-    """What fixes the data order (checked on resume)."""
-    return {"samples": len(dataset), "bad_samples": len(dataset.bad), "batches_per_epoch": dataset.steps_per_epoch(),
+    """What fixes the batches besides the configs (checked on resume): the number of usable and of bad
+    samples, and a digest of every sample's tokens and targets in file order."""
+    digest = hashlib.sha256()
+    for sample in dataset.samples:
+        for part in (np.int64(len(sample)), sample.input_ids, sample.loss_mask):
+            digest.update(np.ascontiguousarray(part).tobytes())
+    return {"samples": len(dataset), "bad_samples": len(dataset.bad), "digest": digest.hexdigest(),
             "config": json.loads(json.dumps(dataclasses.asdict(dataset.config)))}
 
 
-def _check_resume(meta: Mapping[str, Any], config: TrainConfig, info: Mapping[str, Any], where: str) -> None:
-    saved = TrainConfig.from_dict(meta["train_config"])
-    for field in dataclasses.fields(TrainConfig):
-        old, new = getattr(saved, field.name), getattr(config, field.name)
-        if old != new and field.name not in _RESUMABLE_CHANGES:
-            raise ValueError(f"{where}: the checkpoint was trained with TrainConfig.{field.name}={old!r}, this run "
-                             f"has {new!r} (resume with the same settings, or start a new output folder)")
-    saved_data = meta.get("info", {}).get("data", {})
-    for key, value in info["data"].items():
-        if saved_data.get(key) != value:
-            raise ValueError(f"{where}: the training data differ from the checkpoint's ({key}: "
-                             f"{saved_data.get(key)!r} then, {value!r} now); the data order would not continue")
+def _first_change(name: str, old: Any, new: Any, resumable: Sequence[str] = (), first: Sequence[str] = ()
+                  ) -> tuple[str, Any, Any] | None:
+    """The first field of the dataclasses ``old`` and ``new`` (named ``name``) that differs, as
+    ``(qualified name, old value, new value)``, looking into fields that are dataclasses themselves
+    (``TrainConfig.lora.rank``); None when only ``resumable`` fields differ. The fields ``first`` are
+    compared before the others (a setting whose change changes the defaults of others)."""
+    for field in sorted(dataclasses.fields(old), key=lambda f: f.name not in first):
+        before, now = getattr(old, field.name), getattr(new, field.name)
+        if before == now or field.name in resumable:
+            continue
+        qualified = f"{name}.{field.name}"
+        if dataclasses.is_dataclass(before) and type(before) is type(now):
+            return _first_change(qualified, before, now)
+        return qualified, before, now
+    return None
+
+
+def _check_resume(meta: Mapping[str, Any], config: TrainConfig, data_config: DataConfig, info: Mapping[str, Any],
+                  output: str) -> None:
+    """Refuses to continue the checkpoint of ``meta`` with other settings or other samples: the error names
+    the first setting that differs (a DataConfig field first: they decide the batches), else the data."""
+    saved = meta.get("info", {}).get("data", {})
+    step = meta["step"]
+    change = (_first_change("DataConfig", DataConfig(**saved["config"]), data_config, _RESUMABLE_DATA_CHANGES)
+              or _first_change("TrainConfig", TrainConfig.from_dict(meta["train_config"]), config,
+                               _RESUMABLE_CHANGES, first=("lora",)))
+    if change is not None:
+        raise SettingChangedError(output, step, *change)
+    current = info["data"]
+    details = {"samples": f"{saved.get('samples')} usable samples then, {current['samples']} now",
+               "bad_samples": f"{saved.get('bad_samples')} bad samples skipped then, {current['bad_samples']} now",
+               "digest": "as many samples, but other tokens"}
+    for key, detail in details.items():
+        if key in saved and saved[key] != current[key]:     # (checkpoints of earlier versions lack the digest)
+            raise ArgumentError("{} holds a checkpoint (step {step}) trained on other data than this run's {} "
+                                "({detail}): the batches would not continue; resume with the same data, or start a "
+                                "new run in another folder", f"output={output!r}", "dataset", step=step, detail=detail)
 
 
 def _format(entry: dict, total: int) -> str:
@@ -313,8 +375,10 @@ def fit(model, dataset: FinetuneDataset, config: TrainConfig, output: str | os.P
       mesh, rules: as for :class:`Trainer` (default: the model's mesh, ``sharding.TRAINING_RULES``).
 
     Raises:
-      FileExistsError: ``output`` is not empty and ``loop.resume`` is False.
-      ValueError: resuming a checkpoint of other settings or data (the message names the field).
+      OutputExistsError: ``output`` is not empty and ``loop.resume`` is False (a ``FileExistsError``).
+      SettingChangedError: resuming a checkpoint of other settings (it names the field, e.g.
+        ``DataConfig.batch_size``, with both values).
+      ArgumentError: resuming a checkpoint of other data (the message names the ``dataset``).
     """
     output = os.path.abspath(os.fspath(output))
     check_output(output, loop.resume)
@@ -330,7 +394,7 @@ def fit(model, dataset: FinetuneDataset, config: TrainConfig, output: str | os.P
         resumed_from, position = None, {}
         if loop.resume and ckpt.latest_step() is not None:
             meta = ckpt.metadata()
-            _check_resume(meta, config, info, f"{ckpt.directory}/{meta['step']}")
+            _check_resume(meta, config, dataset.config, info, output)
             state, meta = ckpt.restore(trainer)
             resumed_from, position = int(meta["step"]), meta["data"]
         else:
