@@ -55,6 +55,7 @@ _DESTS = {
     "TrainConfig.train_resampler": "train_resampler", "TrainConfig.compute_dtype": "dtype",
     "TrainConfig.lora.rank": "lora_rank", "TrainConfig.lora.alpha": "lora_alpha",
     "TrainConfig.lora.dropout": "lora_dropout", "TrainConfig.lora.target_modules": "lora_targets",
+    "LoRAConfig.target_modules": "lora_targets",
 }
 
 

@@ -93,8 +93,9 @@ def test_finetune_trains_logs_resumes_and_exports(capsys, tiny_checkpoint, files
     (("--mesh", "0x1x1"), "--mesh 0x1x1: data=0 must be a positive integer or -1 (the rest of the devices)"),
     (("--warmup", 9, "--steps", 4), "--warmup 9"),
     (("--lora-dropout", 1.5), "--lora-dropout"),
+    (("--lora-targets", "nothing/here"), "--lora-targets nothing/here match no Einsum module"),
 ], ids=["missing-data", "broken-json", "bad-sample", "bad-sample-remedy", "mesh-syntax", "mesh-size", "mesh-zero",
-        "warmup", "dropout"])
+        "warmup", "dropout", "lora-targets"])
 def test_bad_input_is_one_line(capsys, tiny_checkpoint, files, tmp_path, argv, expected):
     output = tmp_path / "run"
     args = list(finetune_args(tiny_checkpoint[0], files, output))
@@ -107,7 +108,7 @@ def test_bad_input_is_one_line(capsys, tiny_checkpoint, files, tmp_path, argv, e
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("minicpmv-jax finetune: error: ") and expected in lines[0], err
-    assert "on_bad" not in err and "make_mesh" not in err      # flags, not Python names
+    assert "on_bad" not in err and "make_mesh" not in err and "Config." not in err  # flags, not Python names
     assert not output.exists()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -87,4 +88,31 @@ def test_notebooks_are_committed_without_outputs(path: pathlib.Path):
     nbformat.validate(nb)
     stale = [i for i, c in enumerate(nb.cells)
              if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
-    assert not stale, f"{path.name}: cells {stale} have outputs; strip them (CI executes the notebooks)"
+    assert not stale, (f"{path.name}: cells {stale} have outputs; strip them (CI executes the notebooks): "
+                       "see notebooks/README.md")
+
+
+def test_the_notebooks_readme_installs_every_tool_it_runs():
+    """Each command of notebooks/README.md (its bash blocks and inline code) runs a tool of the venv that the
+    README's test command installs (python, pip, pytest) or that a ``pip install`` before it brings
+    (JupyterLab brings ``jupyter`` and its ``nbconvert``); no bare ``jupyter`` from elsewhere."""
+    text = (NOTEBOOK_DIR / "README.md").read_text(encoding="utf-8")
+    commands = sorted([(m.start(), line) for m in re.finditer(r"```bash\n(.*?)```", text, re.S)
+                       for line in m.group(1).splitlines()]
+                      + [(m.start(), m.group(1)) for m in re.finditer(r"(?<!`)`([^`\n]+)`(?!`)", text)])
+    provided = {"jupyterlab": {"jupyter"}}
+    available = {"python", "pip", "pytest"}
+    checked = 0
+    for _, command in commands:
+        words = [w for w in command.split() if "=" not in w]  # without VAR=value prefixes
+        if not words:
+            continue
+        assert words[0] not in ("jupyter", "nbconvert", "pip", "python", "pytest"), \
+            f"notebooks/README.md runs `{command}` outside the venv"
+        if words[0].startswith(".venv/bin/"):
+            tool = words[0].removeprefix(".venv/bin/")
+            assert tool in available, f"notebooks/README.md runs `{command}` before anything installs {tool}"
+            if tool == "pip" and words[1:2] == ["install"]:
+                available |= {t for package in words[2:] for t in provided.get(package, {package})}
+            checked += 1
+    assert checked >= 3

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import sharding
+from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.layers import Einsum, batch_einsum
 
 from .config import LoRAConfig, first_match, path_name
@@ -150,8 +151,8 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs | None =
                if isinstance(m, Einsum) and first_match(config.target_modules, path_name(path))]
     if not targets:
         einsums = [path_name(p) for p, m in nnx.iter_modules(model) if isinstance(m, Einsum)]
-        raise ValueError(f"LoRAConfig.target_modules {config.target_modules} match no Einsum module; module paths "
-                         f"look like {einsums[:4]}")
+        raise ArgumentError("{} {targets} match no Einsum module; module paths look like {examples}",
+                            "LoRAConfig.target_modules", targets=" ".join(config.target_modules), examples=einsums[:4])
     for path, base in targets:
         _set_child(model, path, LoRAEinsum(base, config.rank, config.alpha, config.dropout, rngs=rngs))
     return [path_name(p) for p, _ in targets]
