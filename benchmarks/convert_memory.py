@@ -133,9 +133,9 @@ def write_only(src: str, dst: str) -> float:
     converter's byte budget (``_convert.GROUP_BYTES``; the converter also closes a group early when its
     ring of host memory is full, which this leaves out: no ring is filled here).
     """
-    from convert_weights import _convert
-    from convert_weights._ring import Ring
-    from convert_weights._source import RowReader
+    from minicpmv_jax.convert_weights import _convert
+    from minicpmv_jax.convert_weights._ring import Ring
+    from minicpmv_jax.convert_weights._source import RowReader
     from minicpmv_jax import checkpoint_names as names
     from minicpmv_jax import orbax_checkpoint as ock
     from minicpmv_jax.config import MiniCPMVConfig
@@ -249,7 +249,7 @@ def main() -> None:
     if args.write_only:
         print(f"write-only seconds {write_only(*args.write_only)}")
         return
-    _, baseline, _ = run_child([sys.executable, "-c", "import convert_weights, minicpmv_jax.cli; "
+    _, baseline, _ = run_child([sys.executable, "-c", "import minicpmv_jax.convert_weights, minicpmv_jax.cli; "
                                          "from minicpmv_jax.orbax_checkpoint import orbax_v1; orbax_v1()"])
     rows = []
     for layers in args.layers:

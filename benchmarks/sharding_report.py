@@ -44,10 +44,10 @@ also XLA:CPU's: it includes float32 copies of the bf16 weights the CPU dot kerne
 A collective whose operand is (a convert / copy / reshape of) a parameter is a *weight* collective — a
 weight moved on every token — and is counted separately ("weight colls"; ``--detail`` names the parameter).
 
-Besides the default :data:`sharding.RULES`, the rejected alternatives documented in ``sharding/rules.py``
+Besides the default :data:`minicpmv_jax.sharding.RULES`, the rejected alternatives documented in ``sharding/rules.py``
 are compiled on the meshes where they differ (:data:`ALTERNATIVES`), with the default rows repeated next to
 them: among them the step without any activation constraint (XLA's own layout) and with
-:data:`sharding.TRAINING_RULES` (residual stream split by batch over fsdp, weights gathered).
+:data:`minicpmv_jax.sharding.TRAINING_RULES` (residual stream split by batch over fsdp, weights gathered).
 
     python benchmarks/sharding_report.py --check          # full size, batches 1 and 8, 4096 slots (~2 min)
     python benchmarks/sharding_report.py --small          # tiny config (compiles as many programs: ~1 min)
@@ -79,7 +79,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-import sharding  # noqa: E402
+from minicpmv_jax import sharding  # noqa: E402
 from minicpmv_jax import generate  # noqa: E402
 from minicpmv_jax.config import minicpmv_2_6, tiny  # noqa: E402
 from minicpmv_jax.qwen2 import Qwen2  # noqa: E402

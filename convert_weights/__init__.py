@@ -4,7 +4,7 @@ Driven by the same name table as the loader (:mod:`minicpmv_jax.checkpoint_names
 header-first reader (:class:`minicpmv_jax.hf_checkpoint.HFCheckpoint`); the folder's layout is described in
 :mod:`minicpmv_jax.orbax_checkpoint`, which also loads it (``MiniCPMV.from_pretrained`` detects it)::
 
-    from convert_weights import convert
+    from minicpmv_jax.convert_weights import convert
     convert("MiniCPM-V-2_6/", "minicpmv-orbax/", dtype="bfloat16")   # or `minicpmv-jax convert SRC DST`
 
 Other writers of converted folders (``minicpmv_jax.finetune.export_model``) reuse its pieces:

@@ -71,7 +71,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from convert_weights import convert  # imports Orbax: only when converting
+    from minicpmv_jax.convert_weights import convert  # imports Orbax: only when converting
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
@@ -85,7 +85,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from sharding import format_plan, plan_memory
+    from minicpmv_jax.sharding import format_plan, plan_memory
 
     result = plan_memory(args.model, args.mesh, batch=args.batch, max_len=args.max_len, dtype=args.dtype)
     print(format_plan(result, args.device_memory))

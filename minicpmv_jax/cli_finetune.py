@@ -199,7 +199,7 @@ def _datasets(args: argparse.Namespace, processor):
 def _mesh(text: str):
     """The device mesh of ``--mesh DxFxT``; an error names ``--mesh``, with the axis sizes as text: they are
     not flags (``data=3`` is not ``--data 3``)."""
-    import sharding
+    from minicpmv_jax import sharding
 
     shape = sharding.parse_mesh_shape(text)
     try:

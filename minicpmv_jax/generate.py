@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-import sharding
+from minicpmv_jax import sharding
 from minicpmv_jax import beam_search, sampling
 from minicpmv_jax.image_inputs import place_features
 from minicpmv_jax.kv_cache import KVCache

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-import sharding
+from minicpmv_jax import sharding
 
 __all__ = ["put", "place", "fetch"]
 

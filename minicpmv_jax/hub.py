@@ -45,7 +45,7 @@ def resolve_model(spec: str | os.PathLike) -> str:
     cached = converted_cache_dir(spec)
     if is_converted(cached):
         return cached
-    from convert_weights import convert, resolve_source  # needs Orbax; only for Hub ids
+    from minicpmv_jax.convert_weights import convert, resolve_source  # needs Orbax; only for Hub ids
 
     convert(resolve_source(spec), cached)  # ConvertError (a CheckpointError) names the id on failure
     return cached

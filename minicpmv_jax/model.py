@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import sharding
+from minicpmv_jax import sharding
 
 from . import chat as _chat_lib
 from . import checkpoint_names as names
@@ -102,7 +102,7 @@ class MiniCPMV(nnx.Module):
         tensor and file for a missing, unexpected or misshapen tensor, ``ConfigError`` for a bad config.
 
         ``mesh`` (a ``jax.sharding.Mesh`` with axes ``data``/``fsdp``/``tensor``, see
-        ``sharding.make_mesh``) places every parameter on it as the rules of :mod:`sharding` say, loading
+        ``sharding.make_mesh``) places every parameter on it as the rules of :mod:`minicpmv_jax.sharding` say, loading
         each straight into its shards (from an Orbax folder each device reads only its own shards, on
         every process of a multi-host mesh). ``compute_logits`` and ``chat`` then run sharded, with the
         LLM's activations constrained by ``rules`` too (default ``sharding.RULES``, the inference layout;

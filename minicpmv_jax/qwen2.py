@@ -16,7 +16,7 @@ Parameter layout (the checkpoint transforms live in :mod:`minicpmv_jax.checkpoin
 Activations: on a mesh (:meth:`Qwen2.shard_activations`, called by ``MiniCPMV.shard`` / ``from_pretrained``)
 the residual stream ``[B, T, D]`` is constrained to ``sharding.RESIDUAL_AXES`` after the embedding and after
 every layer; which layout that is (weights stationary for inference, gathered for training) is the rules
-table's choice, see :mod:`sharding.rules`.
+table's choice, see :mod:`minicpmv_jax.sharding.rules`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-import sharding
+from minicpmv_jax import sharding
 
 from . import kv_cache as kvc
 from .config import Qwen2Config

@@ -3,15 +3,15 @@
 Every parameter declares logical axis names where it is created (see :mod:`minicpmv_jax.layers`); this
 package is the only place that maps them to mesh axes. The modules:
 
-* :mod:`sharding.mesh` — :func:`make_mesh` (``-1`` = the rest of the devices), :func:`abstract_mesh`
+* :mod:`minicpmv_jax.sharding.mesh` — :func:`make_mesh` (``-1`` = the rest of the devices), :func:`abstract_mesh`
   (device-free, for planning), :func:`parse_mesh_shape` (``"DxFxT"``).
-* :mod:`sharding.rules` — the ordered :data:`RULES` table (inference) and :data:`TRAINING_RULES` (the
+* :mod:`minicpmv_jax.sharding.rules` — the ordered :data:`RULES` table (inference) and :data:`TRAINING_RULES` (the
   same but for the residual stream's layout), and :func:`logical_to_spec`, which only uses a mesh axis
   where it divides the dimension; the fallbacks (``head_dim`` when heads do not divide, ``embed`` when the
   vocabulary does not), the residual-stream layouts and their decode cost are documented there.
-* :mod:`sharding.placement` — specs / shardings / sharded abstract trees for the parameters,
+* :mod:`minicpmv_jax.sharding.placement` — specs / shardings / sharded abstract trees for the parameters,
   :func:`shard_model`, the batch and KV-cache shardings, and :func:`constrain` for activations.
-* :mod:`sharding.plan` — :func:`plan_memory` / :func:`format_plan`: per-device bytes without weights, and
+* :mod:`minicpmv_jax.sharding.plan` — :func:`plan_memory` / :func:`format_plan`: per-device bytes without weights, and
   the mesh axes that split nothing of a tower or the KV cache (:class:`IdleAxis`).
 
 Typical use::

@@ -4,7 +4,7 @@
 * ``fsdp``   — the batch is split *and* every large parameter is split along its model-width axis
   (``embed`` / ``vision_embed``); XLA gathers a layer's weights where they are used.
 * ``tensor`` — Megatron-style tensor parallelism: heads, MLP width and vocabulary are split, with one
-  all-reduce after the attention and one after the MLP block (details in :mod:`sharding.rules`).
+  all-reduce after the attention and one after the MLP block (details in :mod:`minicpmv_jax.sharding.rules`).
 
 ``make_mesh(data=1, fsdp=-1, tensor=1)`` (the default) is pure FSDP over all devices. ``-1`` in one
 position means "the rest of the devices". Meshes use ``AxisType.Auto`` axes: shardings are hints that

@@ -1,6 +1,6 @@
 """Placing the model, a batch and the KV cache on a mesh, and constraining activations inside jit.
 
-Everything here resolves logical axes with :func:`sharding.rules.logical_to_spec`; nothing hard-codes a
+Everything here resolves logical axes with :func:`minicpmv_jax.sharding.rules.logical_to_spec`; nothing hard-codes a
 mesh axis. Parameters are read from ``nnx.Param`` metadata: flax 0.12.8 keeps the tuple given as
 ``out_sharding=`` at creation in ``param.get_metadata()["out_sharding"]`` (``sharding_names`` is its
 deprecated alias); the model creates every parameter with ``eager_sharding=False``, so nothing is placed
@@ -73,7 +73,7 @@ def _map_params(fn: Callable[[Path, nnx.Variable], Any], module_or_state) -> nnx
 def param_specs(module_or_state, mesh, rules: Rules = RULES) -> nnx.State:
     """``PartitionSpec`` of every parameter (tree mirroring ``nnx.state(model, nnx.Param)``).
 
-    ``mesh`` may be abstract (:func:`sharding.mesh.abstract_mesh`, or a ``(d, f, t)`` tuple): only the axis
+    ``mesh`` may be abstract (:func:`minicpmv_jax.sharding.mesh.abstract_mesh`, or a ``(d, f, t)`` tuple): only the axis
     sizes matter. Works on concrete and abstract (``nnx.eval_shape``) models alike.
     """
     return _map_params(lambda path, var: logical_to_spec(logical_axes_of(var, path), var.get_value().shape,

@@ -2,7 +2,7 @@
 
 ``plan_memory(cfg, (data, fsdp, tensor), batch=..., max_len=..., dtype=...)`` builds the model with
 ``nnx.eval_shape`` (shapes, dtypes and logical axes only), resolves every parameter's spec with the
-rules of :mod:`sharding.rules` on a device-free mesh of that shape, and sums the bytes of one device's
+rules of :mod:`minicpmv_jax.sharding.rules` on a device-free mesh of that shape, and sums the bytes of one device's
 piece of each parameter and of the KV cache. Every split is even (the resolver only uses a mesh axis that
 divides), so every device holds one piece of the same shape of each array: the per-device number is
 exact, and it is the maximum over devices. Activations, compiler temporaries and framework overhead are

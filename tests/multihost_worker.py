@@ -20,7 +20,7 @@ jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=int(nproc), proces
 
 import numpy as np  # noqa: E402
 
-import sharding  # noqa: E402
+from minicpmv_jax import sharding  # noqa: E402
 from minicpmv_jax import MiniCPMV, MiniCPMVProcessor  # noqa: E402
 
 with open(inputs, "rb") as f:

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import convert_weights
-from convert_weights import ConvertError, _convert, _transpose, convert
+from minicpmv_jax import convert_weights
+from minicpmv_jax.convert_weights import ConvertError, _convert, _transpose, convert
 from minicpmv_jax import checkpoint_names as names
 from minicpmv_jax import config as C
 from minicpmv_jax import orbax_checkpoint as ock
@@ -194,7 +194,7 @@ class _CopyingTranspose(names.Transform):
 def test_fill_matches_the_tables_forward_transforms(tmp_path, monkeypatch, out_dtype):
     """Block-wise filling through inverse views equals applying each transform to the whole tensor."""
     from safetensors.numpy import save_file
-    from convert_weights._source import RowReader
+    from minicpmv_jax.convert_weights._source import RowReader
     from minicpmv_jax.hf_checkpoint import HFCheckpoint
 
     rng = np.random.default_rng(0)
@@ -250,7 +250,7 @@ def test_packed_transpose_equals_the_plain_assignment(dtype):
 
 
 def test_ring_wraps_waits_for_sealed_batches_and_protects_the_open_one():
-    from convert_weights._ring import ALIGN, Ring, ring_bytes
+    from minicpmv_jax.convert_weights._ring import ALIGN, Ring, ring_bytes
 
     assert ring_bytes([100, 10, 10], 1000) == 128 + 64 + 64     # everything fits: never wraps
     assert ring_bytes([3000, 10, 2000, 10], 64) == 3008 + 64   # largest + slack
@@ -408,7 +408,7 @@ def test_bad_input_raises_checkpoint_errors_from_the_api(tmp_path):
 def test_source_truncated_after_validation_is_an_error_not_a_crash(tmp_path):
     """Mapped views check the file still holds their rows (reading past its end would be SIGBUS)."""
     from safetensors.numpy import save_file
-    from convert_weights._source import RowReader
+    from minicpmv_jax.convert_weights._source import RowReader
     from minicpmv_jax.hf_checkpoint import HFCheckpoint
 
     save_file({"w": np.arange(40 * 6, dtype=np.float32).reshape(40, 6)}, tmp_path / "model.safetensors")
@@ -496,7 +496,7 @@ def test_failure_while_copying_files_leaves_nothing(tmp_path, sources, monkeypat
 
 def test_failed_swap_puts_the_old_checkpoint_back(tmp_path, sources, monkeypatch):
     """With --overwrite DST is renamed aside, the new folder renamed in; if that fails, the old comes back."""
-    from convert_weights import _output
+    from minicpmv_jax.convert_weights import _output
 
     dst = tmp_path / "out"
     convert(sources["bfloat16"], dst, progress=False)

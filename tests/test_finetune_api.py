@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import convert_weights
+from minicpmv_jax import convert_weights
 import minicpmv_jax.finetune as finetune
 from _finetune_helpers import make_batch, train_config
 from minicpmv_jax import MiniCPMV

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import sharding
+from minicpmv_jax import sharding
 from _finetune_helpers import assert_same_update, make_batch, train_config
 from minicpmv_jax import MiniCPMV
 from minicpmv_jax import orbax_checkpoint as ock

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from convert_weights import convert
+from minicpmv_jax.convert_weights import convert
 from minicpmv_jax.processor import IMAGE_TAG
 from reference import rel_err
 from test_model_parity import noise_image

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import sharding
-from convert_weights import convert
+from minicpmv_jax import sharding
+from minicpmv_jax.convert_weights import convert
 from minicpmv_jax import MiniCPMV
 from minicpmv_jax.processor import IMAGE_TAG
 from reference import rel_err

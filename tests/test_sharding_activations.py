@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import sharding as S
+from minicpmv_jax import sharding as S
 from minicpmv_jax.config import minicpmv_2_6, tiny
 from minicpmv_jax.qwen2 import Qwen2
 from reference import rel_err

@@ -13,7 +13,7 @@ layers that run); which parameters each mesh axis splits follows from the rules 
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import sharding as S
+from minicpmv_jax import sharding as S
 from minicpmv_jax.config import minicpmv_2_6, tiny
 
 # --- DESIGN §2, by hand ------------------------------------------------------------------------------

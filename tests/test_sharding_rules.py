@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import sharding as S
+from minicpmv_jax import sharding as S
 from minicpmv_jax.config import minicpmv_2_6, tiny
 from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.kv_cache import KVCache

@@ -17,7 +17,7 @@ yields it): ``input_ids`` int [B, L] left-padded with 0, ``attention_mask`` bool
 [B, L], and the processor's ``image_bound`` / ``pixel_values`` (DESIGN §8).
 
 Placement (:func:`batch_shardings`): the token arrays ``[A, B, L]`` split B like any batch (``data``, then
-``fsdp``, see :mod:`sharding.rules`); the encoder inputs are replicated, as in ``MiniCPMV.compute_logits``.
+``fsdp``, see :mod:`minicpmv_jax.sharding.rules`); the encoder inputs are replicated, as in ``MiniCPMV.compute_logits``.
 
 Shape letters as in ``minicpmv_jax/layers.py``; A micro-batches, N pieces, P patches, C patch channels.
 """
@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-import sharding
+from minicpmv_jax import sharding
 from minicpmv_jax.config import MiniCPMVConfig
 from minicpmv_jax.host import place
 from minicpmv_jax.image_inputs import batch_image_inputs

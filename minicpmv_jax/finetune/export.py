@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from convert_weights import check_destination, copy_aux_files, staged
+from minicpmv_jax.convert_weights import check_destination, copy_aux_files, staged
 from minicpmv_jax import orbax_checkpoint as ock
 from minicpmv_jax.hub import resolve_model
 from minicpmv_jax.model import as_dtype

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import sharding
+from minicpmv_jax import sharding
 from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.layers import Einsum, batch_einsum
 

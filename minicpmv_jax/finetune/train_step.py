@@ -1,4 +1,4 @@
-"""The compiled train and eval steps of a fine-tuning run, sharded with the rules of :mod:`sharding`.
+"""The compiled train and eval steps of a fine-tuning run, sharded with the rules of :mod:`minicpmv_jax.sharding`.
 
 :class:`Trainer` holds one model split for one :class:`~minicpmv_jax.finetune.config.TrainConfig` (the
 graph definition is static, the frozen parameters are data that every step reads) and the two jitted
@@ -41,7 +41,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-import sharding
+from minicpmv_jax import sharding
 from minicpmv_jax import model as model_lib
 
 from .config import TrainConfig

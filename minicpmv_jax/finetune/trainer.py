@@ -47,7 +47,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-import sharding
+from minicpmv_jax import sharding
 from minicpmv_jax.errors import ArgumentError
 
 from .batching import FinetuneDataset

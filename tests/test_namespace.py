@@ -1,0 +1,37 @@
+"""The installed names: ``minicpmv_jax`` and its subpackages only, no generic top-level package.
+
+A user's own ``sharding.py`` or another distribution's ``convert_weights`` must not be imported in place
+of ours (nor ours in place of theirs): the converter and the sharding rules live in the repository's
+top-level folders but install as ``minicpmv_jax.convert_weights`` and ``minicpmv_jax.sharding``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_no_generic_top_level_name_and_every_module_imports_without_one(tmp_path):
+    # A decoy `sharding` and `convert_weights` in the working folder: imported by any leftover plain
+    # `import sharding`, they would fail loudly.
+    for name in ("sharding", "convert_weights"):
+        (tmp_path / f"{name}.py").write_text("raise ImportError('the user\\'s own module was imported')\n")
+    script = textwrap.dedent("""
+        import importlib, pkgutil, sys
+        import minicpmv_jax
+        from minicpmv_jax import convert_weights, sharding
+        assert sharding.__name__ == "minicpmv_jax.sharding" and convert_weights.__name__ == "minicpmv_jax.convert_weights"
+        names = [m.name for pkg in (minicpmv_jax, sharding, convert_weights)  # the last two live elsewhere
+                 for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
+        for name in names:
+            importlib.import_module(name)
+        assert "minicpmv_jax.sharding.plan" in names and "minicpmv_jax.convert_weights._convert" in names, names
+        leaked = sorted(n for n in sys.modules if n.split(".")[0] in ("sharding", "convert_weights"))
+        assert not leaked, leaked
+        print(len(names))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) > 40
