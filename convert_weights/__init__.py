@@ -7,16 +7,20 @@ header-first reader (:class:`minicpmv_jax.hf_checkpoint.HFCheckpoint`); the fold
     from minicpmv_jax.convert_weights import convert
     convert("MiniCPM-V-2_6/", "minicpmv-orbax/", dtype="bfloat16")   # or `minicpmv-jax convert SRC DST`
 
-Other writers of converted folders (``minicpmv_jax.finetune.export_model``) reuse its pieces:
-:func:`check_destination` (refuse a destination before any work), :func:`staged` (build the folder beside
-it, rename it into place at the end) and :func:`copy_aux_files` (config, tokenizer, preprocessor files);
-the parameters are written with :func:`minicpmv_jax.orbax_checkpoint.write_params`.
+The folder helpers it writes with live in :mod:`minicpmv_jax.checkpoint_folder`, shared with the other
+writer of converted folders (``minicpmv_jax.finetune.export_model``): :func:`check_destination` (refuse a
+destination before any work), :func:`staged` (build the folder beside it, rename it into place at the end)
+and :func:`copy_aux_files` (config, tokenizer, preprocessor files); the first two are re-exported here
+raising :class:`ConvertError`. The parameters are written with
+:func:`minicpmv_jax.orbax_checkpoint.write_params`.
 """
+
+from minicpmv_jax.checkpoint_folder import copy_aux_files
 
 from ._convert import ConversionResult, convert
 from ._errors import ConvertError
 from ._output import check_destination, staged
-from ._source import copy_aux_files, resolve_source
+from ._source import resolve_source
 
 __all__ = ["ConversionResult", "ConvertError", "check_destination", "convert", "copy_aux_files", "resolve_source",
            "staged"]

@@ -31,14 +31,15 @@ from tqdm import tqdm
 
 from minicpmv_jax import checkpoint_names as names
 from minicpmv_jax import orbax_checkpoint as ock
+from minicpmv_jax.checkpoint_folder import copy_aux_files
 from minicpmv_jax.config import MiniCPMVConfig
+from minicpmv_jax.dtypes import as_dtype
 from minicpmv_jax.hf_checkpoint import HFCheckpoint
-from minicpmv_jax.model import _extra_vision_layers, as_dtype
 
 from ._errors import ConvertError
 from ._output import check_destination, staged
 from ._ring import Ring, Scratch, ring_bytes
-from ._source import RowReader, copy_aux_files, describe_files, resolve_source
+from ._source import RowReader, describe_files, resolve_source
 from ._transpose import assign_rows
 
 GROUP_BYTES = 512 << 20
@@ -90,9 +91,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None
     folder = resolve_source(src)
     check_destination(dst, folder, overwrite)
     config = MiniCPMVConfig.from_pretrained(folder)
-    ckpt = HFCheckpoint.open(folder)
+    ckpt = names.open_validated(folder, config)
     expected = names.expected_tensors(config)
-    ckpt.validate(expected, extra_ok=_extra_vision_layers(config))
 
     with RowReader(ckpt) as reader:
         jobs = plan(names.entries(config), reader, out_dtype)

@@ -11,26 +11,18 @@ file truncated while it is mapped would end the process with SIGBUS).
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import mmap
 import os
-import shutil
 
 import ml_dtypes
 import numpy as np
 
-from minicpmv_jax.demo import DEMO_NAME, demo_checkpoint
-from minicpmv_jax.hf_checkpoint import INDEX_FILE, CheckpointError, HFCheckpoint, is_hub_id
-from minicpmv_jax.orbax_checkpoint import MANIFEST_FILE
+from minicpmv_jax.hf_checkpoint import CheckpointError, HFCheckpoint, is_hub_id
+from minicpmv_jax.hub import download, resolve_model
 
 from ._errors import ConvertError
-
-# Files besides the weights that loading a converted folder needs (config, tokenizer, preprocessor,
-# generation defaults); copied unchanged. The same patterns select what a Hub download fetches.
-AUX_PATTERNS = ("*.json", "*.txt", "*.jinja")
-WEIGHT_PATTERNS = ("*.safetensors", INDEX_FILE)
 
 SAFETENSORS_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
                       "BF16": np.dtype(ml_dtypes.bfloat16)}
@@ -40,45 +32,18 @@ SAFETENSORS_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.
 
 
 def resolve_source(src: str | os.PathLike) -> str:
-    """``src`` as a local folder: an existing folder (``~`` expanded), ``demo`` (the tiny random-weight demo
-    checkpoint in the HF layout, built once: something small to try conversion on), or a Hub id downloaded
-    with ``huggingface_hub``."""
+    """``src`` as a local HF folder: an existing folder (``~`` expanded), ``demo`` (the tiny random-weight
+    demo checkpoint in the HF layout, built once: something small to try conversion on), or a Hub id
+    downloaded with ``huggingface_hub`` (never a folder converted before: conversion reads safetensors)."""
     src = os.fspath(src)
-    if src == DEMO_NAME:
-        return demo_checkpoint()
-    folder = os.path.expanduser(src)
-    if os.path.isdir(folder):
-        return folder
-    if os.path.exists(folder):
-        raise ConvertError(f"{src}: not a folder (expected an HF checkpoint folder or a Hub id)")
-    if not is_hub_id(src):
-        raise ConvertError(f"{src}: no such folder")
     try:
-        import huggingface_hub
-    except ImportError:
-        raise ConvertError(f"{src}: no such folder; to download it from the Hugging Face Hub, install the "
-                           "`hub` extra (pip install 'minicpmv-jax[hub]')") from None
-    try:
-        return huggingface_hub.snapshot_download(repo_id=src, allow_patterns=[*WEIGHT_PATTERNS, *AUX_PATTERNS])
-    except Exception as e:  # offline, unknown repo, gated, HTTP errors: one line naming the id
-        why = " ".join(str(e).split())          # Hub errors span lines; ours is one
-        raise ConvertError(f"{src}: no such folder, and downloading it from the Hugging Face Hub failed "
-                           f"({type(e).__name__}: {why})") from None
-
-
-def aux_files(folder: str) -> list[str]:
-    """Names of the non-weight files to copy (config, tokenizer, preprocessor, generation config); never
-    the weight index, nor the manifest of a converted folder (each converted folder writes its own)."""
-    return sorted(name for name in os.listdir(folder)
-                  if os.path.isfile(os.path.join(folder, name)) and name not in (INDEX_FILE, MANIFEST_FILE)
-                  and any(fnmatch.fnmatch(name, p) for p in AUX_PATTERNS))
-
-
-def copy_aux_files(src: str, dst: str) -> list[str]:
-    names = aux_files(src)
-    for name in names:
-        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-    return names
+        if is_hub_id(src) and not os.path.isdir(os.path.expanduser(src)):
+            return download(src)
+        return resolve_model(src)
+    except ConvertError:
+        raise
+    except CheckpointError as e:  # the converter's own error type, same message
+        raise ConvertError(str(e)) from None
 
 
 def describe_files(ckpt: HFCheckpoint) -> list[dict]:

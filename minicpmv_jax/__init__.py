@@ -1,6 +1,6 @@
 """minicpmv-jax: MiniCPM-V 2.6 (SigLIP-400M + perceiver resampler + Qwen2-7B) in JAX / Flax NNX.
 
-Public interface (DESIGN.md §8)::
+Public interface (docs/model.md §8)::
 
     import minicpmv_jax as mcv
     model = mcv.MiniCPMV.from_pretrained(path, dtype="bfloat16")
@@ -17,9 +17,9 @@ from .image_processing import ImageError, load_image
 from .model import MiniCPMV
 from .processor import MiniCPMVProcessor
 from .tokenizer import MiniCPMVTokenizer
+from .version import __version__
 from .video import VideoError, load_video
 
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "GenerationConfig", "ImageError", "MiniCPMV", "MiniCPMVConfig",

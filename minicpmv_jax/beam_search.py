@@ -1,4 +1,4 @@
-"""Beam search bookkeeping with the semantics of transformers 5.x ``_beam_search`` (DESIGN §7).
+"""Beam search bookkeeping with the semantics of transformers 5.x ``_beam_search`` (docs/model.md §7).
 
 Static shapes and pure functions, for one ``jax.jit`` / ``lax.while_loop``. Shape letters as in
 :mod:`minicpmv_jax.layers` (B batch, V vocabulary), plus:

@@ -1,4 +1,4 @@
-"""``MiniCPMV.chat``: conversations with images in, answers out (DESIGN §6–§8).
+"""``MiniCPMV.chat``: conversations with images in, answers out (docs/model.md §6–§8).
 
 Steps, as in the reference ``chat()``:
 
@@ -33,6 +33,7 @@ from PIL import Image
 
 from minicpmv_jax import generate as gen
 from minicpmv_jax import sampling
+from minicpmv_jax.buckets import MIN_LENGTH, bucket, pad_left
 from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.generation_config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from minicpmv_jax.image_inputs import feature_slots, pack_for_encoder, pieces_bucket
@@ -44,11 +45,6 @@ __all__ = ["conversation_prompt", "chat", "PreparedBatch", "prepare_batch", "ans
 
 DEFAULT_MAX_INP_LENGTH = 8192
 _ROLES = ("user", "assistant")
-
-
-def _bucket(n: int, minimum: int) -> int:
-    """Smallest power of two ≥ max(n, minimum)."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 # ---------------------------------------------------------------------------------------- prompts
@@ -183,23 +179,21 @@ def prepare_batch(model, batch: Mapping[str, Any]) -> PreparedBatch:
     """Pads ``batch`` (the processor's dict) to power-of-two B and T and encodes its image pieces."""
     ids = np.asarray(batch["input_ids"], np.int32)
     mask = np.asarray(batch["attention_mask"], bool)
-    b, t = ids.shape
-    bb, bt = _bucket(b, 1), _bucket(t, 16)
-    ids_p = np.zeros((bb, bt), np.int32)
-    mask_p = np.zeros((bb, bt), bool)
-    ids_p[:b, bt - t:] = ids
-    mask_p[:b, bt - t:] = mask
+    b = ids.shape[0]
+    padded = pad_left(ids, mask)
+    bb, bt = padded.ids.shape
     row_valid = np.arange(bb) < b
     features = feature_index = None
     bounds = batch.get("image_bound") or []
     if any(len(x) for x in bounds):
         pixel_values = batch["pixel_values"]
-        index, used = feature_slots(bounds, [len(p) for p in pixel_values], (bb, bt), [bt - t] * b,
+        index, used = feature_slots(bounds, [len(p) for p in pixel_values], (bb, bt), [padded.offset] * b,
                                     model.config.resampler.num_queries)
         per_piece = encode_pieces(model, [pixel_values[r][j] for r, j in used])
         features = _stack(per_piece, pieces_bucket(len(per_piece)), model.mesh)
         feature_index = model.put(index)
-    return PreparedBatch(model.put(ids_p), model.put(mask_p), model.put(row_valid), features, feature_index, b)
+    return PreparedBatch(model.put(padded.ids), model.put(padded.mask), model.put(row_valid), features,
+                         feature_index, b)
 
 
 def _stack(per_piece: list[jax.Array], size: int, mesh) -> jax.Array:
@@ -266,7 +260,7 @@ def chat(model, image: Any, msgs: Sequence[Any], processor, sampling: bool = Tru
                       max_length=max_inp_length)
     prepared = prepare_batch(model, batch)
     stop_ids = tuple(processor.tokenizer.stop_ids)
-    num_new = _bucket(config.max_new_tokens, 16)
+    num_new = bucket(config.max_new_tokens, MIN_LENGTH)
     params = _sampling_params(config)
     if stream:
         return _stream(model, prepared, config, params, stop_ids, num_new, processor.tokenizer)

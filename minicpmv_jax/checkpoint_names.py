@@ -3,6 +3,8 @@
 Both the HF-folder loader (:mod:`minicpmv_jax.hf_checkpoint`) and the converter (``convert_weights``)
 are driven by :func:`entries`; neither knows a tensor name of its own. Every checkpoint tensor that a
 config implies is consumed by at least one entry and every parameter is filled by exactly one.
+:func:`open_validated` is the one check of an HF folder against a config (the loader's, the converter's
+and ``minicpmv-jax info``'s): :func:`expected_tensors`, plus :func:`extra_vision_layers` tolerated.
 
 Our path is the NNX state path inside :class:`minicpmv_jax.model.MiniCPMV`, e.g.
 ``("llm", "layers", 0, "attn", "q", "kernel")``. A transform maps the checkpoint array (PyTorch layout,
@@ -12,6 +14,8 @@ Our path is the NNX state path inside :class:`minicpmv_jax.model.MiniCPMV`, e.g.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
@@ -20,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from .config import MiniCPMVConfig
+from .hf_checkpoint import HFCheckpoint
 
 Path = tuple[str | int, ...]
 
@@ -227,10 +232,26 @@ def expected_tensors(cfg: MiniCPMVConfig, towers: tuple[str, ...] = TOWERS) -> d
     return {e.name: e.hf_shape for e in entries(cfg, towers)}
 
 
-def tower_of(name: str) -> str | None:
-    """Which tower a checkpoint tensor name belongs to (by prefix), or None."""
-    head = name.split(".", 1)[0]
-    return head if head in _TOWER_ENTRIES else None
+_VISION_LAYER = re.compile(r"vpm\.encoder\.layers\.(\d+)\..+")
+
+
+def extra_vision_layers(cfg: MiniCPMVConfig) -> Callable[[str], bool]:
+    """Predicate for tensors of vision layers beyond those the config runs (reported, never used)."""
+
+    def extra(name: str) -> bool:
+        m = _VISION_LAYER.fullmatch(name)
+        return bool(m) and int(m.group(1)) >= cfg.num_vision_layers
+
+    return extra
+
+
+def open_validated(folder: str | os.PathLike, cfg: MiniCPMVConfig) -> HFCheckpoint:
+    """Opens the HF checkpoint ``folder`` and checks it against ``cfg``: every tensor the config implies,
+    with its shape (:func:`expected_tensors`), and nothing else but :func:`extra_vision_layers` (a warning).
+    Raises :class:`~minicpmv_jax.hf_checkpoint.CheckpointError` naming the tensor and file."""
+    ckpt = HFCheckpoint.open(folder)
+    ckpt.validate(expected_tensors(cfg), extra_ok=extra_vision_layers(cfg))
+    return ckpt
 
 
 def load_entries(module: nnx.Module, read: Callable[[str], np.ndarray], entries: list[Entry], *,

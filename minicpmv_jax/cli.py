@@ -28,14 +28,15 @@ from typing import Callable
 
 from flax import nnx
 
-from . import __version__, orbax_checkpoint
+from . import orbax_checkpoint
 from . import checkpoint_names as names
 from .cli_finetune import add_finetune_parser
 from .cli_generate import add_chat_parser, add_generate_parser, path_arg
 from .config import ConfigError, MiniCPMVConfig, num_parameters
 from .errors import ArgumentError
-from .hf_checkpoint import CheckpointError, HFCheckpoint
-from .model import MiniCPMV, _extra_vision_layers
+from .hf_checkpoint import CheckpointError
+from .version import __version__
+from .model import MiniCPMV
 
 
 DESCRIPTION = ("MiniCPM-V 2.6 in JAX: check, convert, chat with and fine-tune checkpoints. --model takes a "
@@ -50,8 +51,7 @@ def _info(args: argparse.Namespace) -> int:
         dtypes = collections.Counter(str(dtype) for _, dtype in stored.values())
         print(f"checkpoint   {args.model}: converted (Orbax), {len(stored)} arrays, dtypes {dict(dtypes)}: OK")
     else:
-        ckpt = HFCheckpoint.open(args.model)
-        ckpt.validate(names.expected_tensors(cfg), extra_ok=_extra_vision_layers(cfg))
+        ckpt = names.open_validated(args.model, cfg)
         dtypes = collections.Counter(i.dtype for i in ckpt.tensors.values())
         files = {i.file for i in ckpt.tensors.values()}
         print(f"checkpoint   {args.model}: {len(ckpt.tensors)} tensors in {len(files)} file(s), "

@@ -32,13 +32,17 @@ from typing import Any, Callable, Iterator
 from PIL import Image
 from tqdm import tqdm
 
+from minicpmv_jax.demo import DEMO_NAME, DEMO_NOTICE
 from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.generation_config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
+from minicpmv_jax.hf_checkpoint import is_hub_id
+from minicpmv_jax.hub import converted_cache_dir, download, resolve_model
 from minicpmv_jax.image_processing import DEFAULT_MAX_PIXELS
+from minicpmv_jax.checkpoint_files import is_converted
 
 __all__ = ["add_chat_parser", "add_generate_parser", "model_folder"]
 
-# Card example for video (DESIGN §6): frames as images, no image ids, at most 2 slices per frame.
+# Card example for video (docs/model.md §6): frames as images, no image ids, at most 2 slices per frame.
 VIDEO_MAX_SLICE_NUMS = 2
 # Above this many pixels an image is loaded with a warning (PIL's own warning threshold; it refuses at 2×,
 # which is --max-image-pixels' default).
@@ -136,13 +140,20 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def model_folder(model: str) -> str:
-    """``--model``'s local folder (a Hub id downloaded and converted, ``demo`` built), with the demo's
-    notice on stderr."""
-    from minicpmv_jax.demo import DEMO_NAME, DEMO_NOTICE
-    from minicpmv_jax.hub import resolve_model
-
+    """``--model``'s local folder, with the demo's notice on stderr: a folder, ``demo`` (built once), or a
+    Hub id, downloaded and converted once to the Orbax format into
+    :func:`~minicpmv_jax.hub.converted_cache_dir` (later runs load that folder directly)."""
     if model == DEMO_NAME:
         print(DEMO_NOTICE, file=sys.stderr)
+    if is_hub_id(model) and not os.path.isdir(os.path.expanduser(model)):
+        cached = converted_cache_dir(model)
+        if not is_converted(cached):
+            from minicpmv_jax.convert_weights import convert  # imports Orbax's writer: only when converting
+
+            source = download(model)  # CheckpointError naming the id when it cannot be had
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            convert(source, cached)
+        return cached
     return resolve_model(model)
 
 

@@ -1,7 +1,7 @@
 """Typed, frozen configurations for the three towers of MiniCPM-V 2.6 and the whole model.
 
 Every config is built from a checkpoint's ``config.json`` by ``from_hf_config`` (the checkpoint is the
-source of truth, see DESIGN.md). Values we cannot honour raise :class:`ConfigError` naming the key;
+source of truth, see docs/model.md). Values we cannot honour raise :class:`ConfigError` naming the key;
 keys we do not know at all are reported once with a warning and otherwise ignored (real checkpoints
 carry bookkeeping keys such as ``auto_map`` or ``transformers_version``).
 
@@ -66,7 +66,7 @@ def _positive(cfg: Mapping[str, Any], key: str, source: str | None, default: Any
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
-    """The Qwen2 language model (DESIGN §5)."""
+    """The Qwen2 language model (docs/model.md §5)."""
 
     vocab_size: int
     hidden_size: int
@@ -129,7 +129,7 @@ class Qwen2Config:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """The SigLIP vision encoder (DESIGN §3). ``num_hidden_layers`` is what the config declares."""
+    """The SigLIP vision encoder (docs/model.md §3). ``num_hidden_layers`` is what the config declares."""
 
     hidden_size: int = 1152
     intermediate_size: int = 4304
@@ -184,7 +184,7 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ResamplerConfig:
-    """The perceiver resampler (DESIGN §4): ``num_queries`` learned queries, heads of 128."""
+    """The perceiver resampler (docs/model.md §4): ``num_queries`` learned queries, heads of 128."""
 
     num_queries: int
     embed_dim: int
@@ -203,7 +203,7 @@ class ResamplerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SliceConfig:
-    """Image slicing (DESIGN §6)."""
+    """Image slicing (docs/model.md §6)."""
 
     max_slice_nums: int = 9
     scale_resolution: int = 448
@@ -357,7 +357,7 @@ class MiniCPMVConfig:
 
 
 def minicpmv_2_6() -> MiniCPMVConfig:
-    """The released MiniCPM-V 2.6 sizes (DESIGN §2); the deployed model runs 26 vision layers."""
+    """The released MiniCPM-V 2.6 sizes (docs/model.md §2); the deployed model runs 26 vision layers."""
     llm = Qwen2Config(vocab_size=151666, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                       num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6, rms_norm_eps=1e-6)
     vision = VisionConfig()

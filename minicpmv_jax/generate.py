@@ -1,4 +1,4 @@
-"""Compiled generation: prefill plus the whole decode loop in one ``jax.jit`` (DESIGN §7).
+"""Compiled generation: prefill plus the whole decode loop in one ``jax.jit`` (docs/model.md §7).
 
 The loop state is an explicit pytree (:class:`DecodeState`) over a static KV cache. Per request only
 arrays change — sampling parameters, ``max_new_tokens``, stop ids, the PRNG key — so a stream of
@@ -16,7 +16,7 @@ The repetition penalty counts every generated token of a row (MiniCPM-V's refere
 transformers 4.40). transformers ≥ 5 exempts the first ``pad_len`` generated tokens of a left-padded row
 when generating from ``inputs_embeds`` (``prompt_ignore_length`` aimed at prompt ids that are absent
 there); we do not copy that, so a row's answer never depends on the batch it is in
-(``sampling.penalty_start`` reproduces the quirk if ever needed).
+(``sampling.update_seen``'s ``start`` reproduces the quirk if ever needed).
 
 Entry points:
 

@@ -1,4 +1,4 @@
-"""Generation settings: one frozen, validated dataclass with the reference ``chat()`` defaults (DESIGN §7).
+"""Generation settings: one frozen, validated dataclass with the reference ``chat()`` defaults (docs/model.md §7).
 
 ``GenerationConfig.for_chat(sampling, **kwargs)`` is what :meth:`MiniCPMV.chat` uses: ``sampling=True``
 starts from top_p 0.8, top_k 100, temperature 0.7, repetition_penalty 1.05; ``sampling=False`` from beam
@@ -87,7 +87,7 @@ class GenerationConfig:
 
     @classmethod
     def for_chat(cls, sampling: bool = True, **kwargs: Any) -> "GenerationConfig":
-        """The reference ``chat()`` defaults for ``sampling``, overridden by ``kwargs`` (DESIGN §7).
+        """The reference ``chat()`` defaults for ``sampling``, overridden by ``kwargs`` (docs/model.md §7).
 
         ``do_sample`` may be given to override ``sampling``. Sampling-only keywords (temperature, top_k,
         top_p) given to a greedy or beam-search call have no effect, as in transformers; a warning says so.

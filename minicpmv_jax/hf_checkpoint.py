@@ -18,8 +18,7 @@ from typing import Callable, Mapping
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+from .checkpoint_files import INDEX_FILE, SINGLE_FILE  # noqa: F401 (re-exported)
 
 # ``owner/name`` as the Hugging Face Hub spells repository ids; ``./x``, ``/x``, ``~/x``, ``a/b/c`` are paths.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

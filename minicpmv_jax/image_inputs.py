@@ -1,6 +1,6 @@
 """Image pieces of a batch → vision-tower inputs, and resampled features → the LLM's ``<unk>`` spans.
 
-The processor gives, per prompt, the pieces' pixels and ``image_bound`` (DESIGN §6, §8): one span of
+The processor gives, per prompt, the pieces' pixels and ``image_bound`` (docs/model.md §6, §8): one span of
 ``Q = 64`` placeholder positions per piece, in piece order. Everything that depends on the *values* of
 those lists is resolved here, on the host, into fixed-shape arrays, so that the compiled programs see
 only bucketed shapes:

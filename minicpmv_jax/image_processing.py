@@ -1,10 +1,10 @@
-"""The pixel side of MiniCPM-V 2.6 preprocessing (DESIGN.md §3, §6): load, convert, resize, cut, normalise.
+"""The pixel side of MiniCPM-V 2.6 preprocessing (docs/model.md §3, §6): load, convert, resize, cut, normalise.
 
 The geometry (which sizes, which grid) lives in :mod:`minicpmv_jax.slicing`; this module only applies it
 to pixels with PIL. Pipeline for one image::
 
     load_image        PIL image / path / bytes -> validated, fully loaded RGB PIL image
-    slice_image       -> [overview, slice(0,0), slice(0,1), …]  (bicubic resizes, DESIGN §6 steps 1–5)
+    slice_image       -> [overview, slice(0,0), slice(0,1), …]  (bicubic resizes, docs/model.md §6 steps 1–5)
     to_pixel_values   -> float32 [3, h, w], (x/255 − 0.5)/0.5
     preprocess_image  all of the above -> ProcessedImage
 
@@ -208,7 +208,7 @@ def to_rgb(img: Image.Image, *, name: str | None = None) -> Image.Image:
 def slice_image(
     img: Image.Image, max_slice_nums: int, scale_resolution: int = 448, patch_size: int = 14
 ) -> tuple[list[Image.Image], slicing.SlicePlan]:
-    """Cuts an RGB image into its pieces (DESIGN §6 steps 1–5).
+    """Cuts an RGB image into its pieces (docs/model.md §6 steps 1–5).
 
     Returns:
       ``(pieces, plan)``: the overview first, then the slices top row first, left to right; every resize

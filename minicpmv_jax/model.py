@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -24,37 +23,17 @@ from minicpmv_jax import sharding
 from . import chat as _chat_lib
 from . import checkpoint_names as names
 from . import orbax_checkpoint
+from .buckets import pad_left
 from .config import MiniCPMVConfig
-from .hf_checkpoint import CheckpointError, HFCheckpoint  # noqa: F401 (CheckpointError re-exported)
+from .dtypes import as_dtype
+from .generation_config import DEFAULT_MAX_NEW_TOKENS
+from .hf_checkpoint import CheckpointError  # noqa: F401 (re-exported)
 from .host import fetch, put
 from .hub import resolve_model
 from .image_inputs import ImageInputs, batch_image_inputs, place_features
 from .qwen2 import Qwen2
 from .resampler import Resampler
 from .vision import VisionEncoder
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-# Towers this build of the model holds.
-LOADED_TOWERS = names.TOWERS
-
-
-def as_dtype(dtype: Any, argument: str = "dtype") -> jnp.dtype:
-    """``"bfloat16"`` / ``jnp.bfloat16`` / numpy dtype → a jnp dtype; anything else is a clear error."""
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"{argument}={dtype!r}: expected one of {sorted(_DTYPES)}")
-        return jnp.dtype(_DTYPES[dtype])
-    d = jnp.dtype(dtype)
-    if d.name not in _DTYPES:
-        raise ValueError(f"{argument}={d.name}: expected one of {sorted(_DTYPES)}")
-    return d
-
-
-def _bucket(n: int, minimum: int = 16) -> int:
-    """Smallest power of two ≥ max(n, minimum): lengths and batch sizes share compiled programs."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
 
 class PackedImages(NamedTuple):
     """The packed image pieces of one batch, as :meth:`MiniCPMV.forward` reads them (any object with these
@@ -94,8 +73,8 @@ class MiniCPMV(nnx.Module):
 
         ``path`` is a folder (``~`` is expanded), ``"demo"`` (a tiny random-weight model built once, for
         trying the pipeline offline: its answers are noise) or a Hugging Face Hub id such as
-        ``"openbmb/MiniCPM-V-2_6"`` (downloaded and converted once into the cache, with the ``hub`` extra);
-        see :func:`minicpmv_jax.hub.resolve_model`.
+        ``"openbmb/MiniCPM-V-2_6"`` (its converted folder if ``minicpmv-jax`` converted it before, else
+        its HF files, downloaded with the ``hub`` extra); see :func:`minicpmv_jax.hub.resolve_model`.
 
         ``dtype`` is the computation dtype and, unless ``param_dtype`` says otherwise, the storage dtype
         of the parameters (cast from whatever the files hold). Raises ``CheckpointError`` naming the
@@ -116,9 +95,8 @@ class MiniCPMV(nnx.Module):
         if orbax_checkpoint.is_converted(folder):            # written by `minicpmv-jax convert`
             model = orbax_checkpoint.restore_params(folder, abstract, shardings=shardings)
         else:
-            ckpt = HFCheckpoint.open(folder)
-            ckpt.validate(names.expected_tensors(config), extra_ok=_extra_vision_layers(config))
-            model = names.load_entries(abstract, ckpt.read, names.entries(config, LOADED_TOWERS),
+            ckpt = names.open_validated(folder, config)
+            model = names.load_entries(abstract, ckpt.read, names.entries(config, names.TOWERS),
                                        where=ckpt.where, shardings=shardings)
         model._use_mesh(mesh, rules)
         return model
@@ -163,23 +141,20 @@ class MiniCPMV(nnx.Module):
                              f"{ids.shape} and {mask.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.llm.vocab_size):
             raise ValueError(f"input_ids outside [0, {self.config.llm.vocab_size})")
-        b, length = ids.shape
-        bb, bl = _bucket(b, 1), _bucket(length)
-        ids_p = np.zeros((bb, bl), np.int32)
-        mask_p = np.zeros((bb, bl), bool)
-        ids_p[:b, bl - length:] = ids
-        mask_p[:b, bl - length:] = mask.astype(bool)
-        images = self._image_inputs(batch, (bb, bl), [bl - length] * b)
+        b = ids.shape[0]
+        padded = pad_left(ids, mask.astype(bool))
+        offset = padded.offset
+        images = self._image_inputs(batch, padded.ids.shape, [offset] * b)
         graphdef, state = nnx.split(self)
         packed = None
         if images is not None:
             vision = [self.put(a, batch_axis=False) for a in (images.patches, images.pos_ids, images.valid,
                                                               images.tgt_sizes)]
             packed = PackedImages(*vision, self.put(images.feature_index))
-        logits = _logits(graphdef, state, self.put(ids_p), self.put(mask_p), packed)
+        logits = _logits(graphdef, state, self.put(padded.ids), self.put(padded.mask), packed)
         if not logits.is_fully_addressable:  # multi-host: every process gets the whole result
-            return fetch(logits)[:b, bl - length:]
-        return logits[:b, bl - length:]
+            return fetch(logits)[:b, offset:]
+        return logits[:b, offset:]
 
     def _image_inputs(self, batch: Mapping[str, Any], shape: tuple[int, int],
                       offsets: list[int]) -> ImageInputs | None:
@@ -241,10 +216,11 @@ class MiniCPMV(nnx.Module):
 
     # ------------------------------------------------------------------ chat
 
-    def chat(self, image=None, msgs=None, processor=None, sampling: bool = True, max_new_tokens: int = 2048,
-             stream: bool = False, system_prompt: str = "", max_slice_nums: int | None = None,
-             use_image_id: bool | None = None, max_inp_length: int = 8192, **generation_kwargs):
-        """Answers a conversation (or a batch of them) about images (DESIGN §8).
+    def chat(self, image=None, msgs=None, processor=None, sampling: bool = True,
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stream: bool = False, system_prompt: str = "",
+             max_slice_nums: int | None = None, use_image_id: bool | None = None,
+             max_inp_length: int = _chat_lib.DEFAULT_MAX_INP_LENGTH, **generation_kwargs):
+        """Answers a conversation (or a batch of them) about images (docs/model.md §8).
 
         Args:
           image: a PIL image put before the first message's text (when that content is a string), or None;
@@ -253,7 +229,7 @@ class MiniCPMV(nnx.Module):
             of such conversations (then a list of answers is returned).
           processor: the checkpoint's :class:`~minicpmv_jax.processor.MiniCPMVProcessor`.
           sampling: True → top_p 0.8, top_k 100, temperature 0.7, repetition_penalty 1.05;
-            False → beam search, 3 beams, repetition_penalty 1.2 (DESIGN §7). Keywords override.
+            False → beam search, 3 beams, repetition_penalty 1.2 (docs/model.md §7). Keywords override.
           max_new_tokens: tokens generated at most.
           stream: return an iterator of text pieces (one conversation; sampling or greedy).
           system_prompt: prepended as a system message when not empty.
@@ -294,14 +270,3 @@ def _rngs() -> nnx.Rngs:
     which scans the whole trace; see ``sharding.plan.abstract_params``)."""
     with nnx.var_defaults(ref=True):
         return nnx.Rngs(0)
-
-
-def _extra_vision_layers(config: MiniCPMVConfig):
-    """Predicate for vision layers beyond those the config runs (reported, never used)."""
-    pattern = re.compile(r"vpm\.encoder\.layers\.(\d+)\..+")
-
-    def extra(name: str) -> bool:
-        m = pattern.fullmatch(name)
-        return bool(m) and int(m.group(1)) >= config.num_vision_layers
-
-    return extra

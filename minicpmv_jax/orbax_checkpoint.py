@@ -30,11 +30,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from .checkpoint_files import MANIFEST_FILE, PARAMS_DIR, is_converted  # noqa: F401 (re-exported)
 from .checkpoint_names import Path
 from .hf_checkpoint import CheckpointError
+from .version import __version__
 
-MANIFEST_FILE = "convert_manifest.json"
-PARAMS_DIR = "params"
 FORMAT = "minicpmv-jax/orbax"
 FORMAT_VERSION = 1
 
@@ -99,8 +99,6 @@ def write_manifest(folder: str | os.PathLike, **fields: Any) -> None:
 
 def _versions(*packages: str) -> dict[str, str]:
     """Installed versions of ``packages`` (those installed); ``minicpmv-jax`` is this package's own."""
-    from minicpmv_jax import __version__  # the package imports this module: read at call time
-
     out = {}
     for p in packages:
         if p == "minicpmv-jax":
@@ -146,11 +144,6 @@ def show(key: Key) -> str:
 
 
 # --------------------------------------------------------------------------- manifest
-
-
-def is_converted(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` was written by ``minicpmv-jax convert`` (it holds the manifest)."""
-    return os.path.isfile(os.path.join(folder, MANIFEST_FILE))
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:

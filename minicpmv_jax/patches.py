@@ -1,4 +1,4 @@
-"""Host-side batching of image pieces for the vision encoder (DESIGN §3): patchify, pad, position ids.
+"""Host-side batching of image pieces for the vision encoder (docs/model.md §3): patchify, pad, position ids.
 
 Pieces of different grid sizes are padded to one patch count ``P`` taken from a small set of buckets, so
 the jitted encoder compiles once per bucket rather than once per size. The sizes the slicer produces are
@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from einops import rearrange
 
 from minicpmv_jax.position_buckets import position_ids
 
@@ -31,12 +32,10 @@ def patchify(pixel_values: np.ndarray, patch_size: int = 14) -> np.ndarray:
     """
     if pixel_values.ndim != 3:
         raise ValueError(f"expected an image [channels, h, w], got shape {pixel_values.shape}")
-    ch, h, w = pixel_values.shape
+    _, h, w = pixel_values.shape
     if h % patch_size or w % patch_size or h == 0 or w == 0:
         raise ValueError(f"image size {h}×{w} is not a positive multiple of patch_size={patch_size}")
-    gh, gw = h // patch_size, w // patch_size
-    x = pixel_values.reshape(ch, gh, patch_size, gw, patch_size)
-    return x.transpose(1, 3, 0, 2, 4).reshape(gh * gw, ch * patch_size * patch_size)
+    return rearrange(pixel_values, "ch (gh ph) (gw pw) -> (gh gw) (ch ph pw)", ph=patch_size, pw=patch_size)
 
 
 def padded_length(num_patches: int, buckets: Sequence[int] = DEFAULT_PATCH_BUCKETS) -> int:

@@ -1,4 +1,4 @@
-"""Exact position ids of the variable-resolution SigLIP encoder (DESIGN §3), host-side numpy.
+"""Exact position ids of the variable-resolution SigLIP encoder (docs/model.md §3), host-side numpy.
 
 The position table is a ``side × side`` grid (70 × 70 for the released model). A piece whose patch grid is
 ``H × W`` is mapped onto it by bucketing fractional coordinates::

@@ -1,9 +1,9 @@
-"""MiniCPM-V 2.6 processor: rendered prompts and their images to the model's batch (DESIGN §6, §8).
+"""MiniCPM-V 2.6 processor: rendered prompts and their images to the model's batch (docs/model.md §6, §8).
 
 :meth:`MiniCPMVProcessor.__call__` replaces each image tag ``(<image>./</image>)`` of a prompt by that
 image's placeholder (:func:`minicpmv_jax.slicing.image_placeholder`), cuts and normalises the image
 (:func:`minicpmv_jax.image_processing.preprocess_image`), tokenises, finds the placeholder spans
-(:func:`image_bounds`), truncates and left-pads, and returns the batch dict of DESIGN §8.
+(:func:`image_bounds`), truncates and left-pads, and returns the batch dict of docs/model.md §8.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ __all__ = [
     "left_pad",
 ]
 
-#: The tag a chat message uses for an image (DESIGN §6); each is replaced by the image's placeholder.
+#: The tag a chat message uses for an image (docs/model.md §6); each is replaced by the image's placeholder.
 IMAGE_TAG = "(<image>./</image>)"
 PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
 
@@ -52,7 +52,7 @@ class PreprocessorConfig:
     """The image-preprocessing values of ``preprocessor_config.json`` (defaults: the released checkpoint).
 
     Attributes:
-      max_slice_nums: N, the most slices an image is cut into (DESIGN §6).
+      max_slice_nums: N, the most slices an image is cut into (docs/model.md §6).
       scale_resolution: S, the side of the area each piece is fitted to.
       patch_size: P, the vision patch side; piece sides are multiples of it.
       use_image_id: whether each image's placeholder starts with ``<image_id>k</image_id>``.
@@ -119,7 +119,7 @@ class PreprocessorConfig:
 
 
 def image_bounds(ids: Sequence[int] | np.ndarray, tokenizer: MiniCPMVTokenizer) -> np.ndarray:
-    """Spans of the image placeholders in one prompt's ids (DESIGN §6), int32 ``[n, 2]``.
+    """Spans of the image placeholders in one prompt's ids (docs/model.md §6), int32 ``[n, 2]``.
 
     For every ``<image>`` or ``<slice>`` token at position p, the span ``[p + 1, q)`` up to the first
     ``</image>`` or ``</slice>`` at position q > p. Spans come in id order: per image the overview, then
@@ -149,7 +149,7 @@ def image_bounds(ids: Sequence[int] | np.ndarray, tokenizer: MiniCPMVTokenizer) 
 
 
 class MiniCPMVProcessor:
-    """Turns prompts (rendered chat text) and images into the model's batch (DESIGN §8)."""
+    """Turns prompts (rendered chat text) and images into the model's batch (docs/model.md §8)."""
 
     def __init__(self, tokenizer: MiniCPMVTokenizer, config: PreprocessorConfig | None = None) -> None:
         self.tokenizer = tokenizer
@@ -162,7 +162,7 @@ class MiniCPMVProcessor:
 
         ``path`` is what :meth:`MiniCPMV.from_pretrained <minicpmv_jax.model.MiniCPMV.from_pretrained>`
         takes: a folder (``~`` expanded), ``"demo"`` or a Hub id."""
-        path = resolve_model(path)
+        path = resolve_model(path, weights=False)  # a Hub id: its config and tokenizer files only
         tokenizer = MiniCPMVTokenizer.from_pretrained(path)
         cfg_path = os.path.join(path, PREPROCESSOR_CONFIG_FILE)
         config = PreprocessorConfig.from_file(cfg_path) if os.path.isfile(cfg_path) else PreprocessorConfig()
@@ -171,7 +171,7 @@ class MiniCPMVProcessor:
     def expand_images(
         self, text: str, images: Sequence[Any], max_slice_nums: int, use_image_id: bool
     ) -> tuple[str, list[np.ndarray], np.ndarray, list[tuple[int, int]]]:
-        """Replaces the k-th :data:`IMAGE_TAG` of ``text`` by the k-th image's placeholder (DESIGN §6).
+        """Replaces the k-th :data:`IMAGE_TAG` of ``text`` by the k-th image's placeholder (docs/model.md §6).
 
         Returns (text with placeholders, pixel_values per piece as float32 ``[3, h, w]`` — per image the
         overview, then its slices row by row —, tgt_sizes int32 ``[n_pieces, 2]``, ``(W, H)`` per image).
@@ -215,7 +215,7 @@ class MiniCPMVProcessor:
         use_image_id: bool | None = None,
         max_length: int | None = None,
     ) -> dict[str, Any]:
-        """Builds the batch for ``texts`` (DESIGN §8).
+        """Builds the batch for ``texts`` (docs/model.md §8).
 
         Args:
           texts: rendered prompts (one str is a batch of one).

@@ -1,4 +1,4 @@
-"""Perceiver resampler: 64 learned queries cross-attend to one piece's encoder outputs (DESIGN §4).
+"""Perceiver resampler: 64 learned queries cross-attend to one piece's encoder outputs (docs/model.md §4).
 
 Per piece: ``kv = LN_kv(x @ kv_proj)``; keys ``kv + pos`` with a 2-D sine-cosine table of the piece's grid,
 values ``kv``; queries ``LN_q(query)``; ``D/128``-head attention over the piece's real patches; out

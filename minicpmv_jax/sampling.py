@@ -1,6 +1,6 @@
 """Logits processing and token choice for generation, with the semantics of transformers' ``generate``.
 
-Pure, jittable functions for the compiled decode loop (DESIGN §7). Every sampling parameter is an array
+Pure, jittable functions for the compiled decode loop (docs/model.md §7). Every sampling parameter is an array
 inside :class:`SamplingParams`, so new values of temperature, top-k, top-p, repetition penalty or
 min_new_tokens reuse the compiled loop. Shape letters as in :mod:`minicpmv_jax.layers` (B rows — batch,
 or batch·beams in beam search —, V vocabulary), plus E stop ids.
@@ -13,8 +13,8 @@ HF semantics reproduced (transformers 5.x, ``_get_logits_processor`` / ``_sample
 * The reference generates from ``inputs_embeds``, so the processors only see generated tokens: the
   repetition penalty counts generated tokens and min_new_tokens counts them. HF also passes the prompt's
   left-padding length to the penalty as ``prompt_ignore_length``, which, with ``inputs_embeds``, exempts
-  the first ``pad_len`` *generated* tokens of a padded row from the penalty; :func:`penalty_start` and
-  :func:`update_seen` reproduce that.
+  the first ``pad_len`` *generated* tokens of a padded row from the penalty; :func:`update_seen`'s
+  ``start`` reproduces that.
 * Top-k keeps every token tied with the k-th largest value; top-p sorts ascending, drops the sorted
   tokens whose cumulative probability is ``<= 1 - top_p`` (threshold rounded to float32 from double, as
   torch compares) and always keeps the most probable one. Among tokens with *equal* logits straddling the
@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from flax import struct
 
 __all__ = [
-    "SamplingParams", "divide", "penalty_start", "update_seen", "apply_repetition_penalty",
-    "suppress_stop_tokens", "apply_temperature", "top_k_filter", "top_p_filter", "process_logits",
+    "SamplingParams", "divide", "update_seen", "apply_repetition_penalty", "suppress_stop_tokens",
+    "apply_temperature", "process_logits",
     "beam_log_probs", "sample", "greedy",
 ]
 
@@ -108,23 +108,16 @@ def divide(x: jax.Array, divisor: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------- generated-token bookkeeping
 
 
-def penalty_start(attention_mask: jax.Array) -> jax.Array:
-    """HF's ``prompt_ignore_length`` per row, int32 ``[B]``: the index of the first real prompt slot.
-
-    attention_mask ``[B, L]`` (left padding). With ``inputs_embeds`` generation HF applies it to the
-    *generated* ids, so generated tokens at positions ``< penalty_start`` are never penalised (0 for rows
-    without padding). Pass zeros instead to penalise every generated token.
-    """
-    return jnp.argmax(jnp.asarray(attention_mask) != 0, axis=-1).astype(jnp.int32)
-
-
 def update_seen(seen: jax.Array, tokens: jax.Array, position: jax.Array | int = 0,
                 start: jax.Array | None = None) -> jax.Array:
     """Marks ``tokens [B]`` in ``seen [B, V]`` (bool: which tokens the repetition penalty applies to).
 
     ``position`` (int32, scalar or ``[B]``) is the index of ``tokens`` among the generated tokens; a row
-    records its token only if ``position >= start[row]`` (``start`` from :func:`penalty_start`, default 0).
-    Ids outside ``[0, V)`` are ignored.
+    records its token only if ``position >= start[row]`` (int32 ``[B]``, default: every row records). HF's
+    ``prompt_ignore_length`` — the index of each row's first real prompt slot, ``argmax(attention_mask != 0)``
+    — as ``start`` reproduces its quirk with ``inputs_embeds`` (the first ``pad_len`` generated tokens of a
+    left-padded row are never penalised); generation itself passes no ``start``. Ids outside ``[0, V)`` are
+    ignored.
     """
     v = seen.shape[-1]
     hit = jnp.arange(v, dtype=jnp.int32)[None, :] == tokens.astype(jnp.int32)[:, None]
@@ -179,26 +172,6 @@ def _filter(scores: jax.Array, top_k: jax.Array, top_p_cut: jax.Array, use_top_p
     drop_sorted = drop_sorted | (ascending == _NEG_INF)                            # top-k's drops
     drop = jnp.zeros_like(drop_sorted).at[jnp.arange(b)[:, None], order].set(drop_sorted)
     return jnp.where(drop, _NEG_INF, scores)
-
-
-def top_k_filter(scores: jax.Array, top_k: jax.Array) -> jax.Array:
-    """HF ``TopKLogitsWarper``: scores below the k-th largest become ``-inf`` (ties kept); ``top_k <= 0`` disables."""
-    top_k = jnp.asarray(top_k, jnp.int32)
-    return _filter(scores, top_k, jnp.float32(0), jnp.asarray(False))
-
-
-def top_p_filter(scores: jax.Array, top_p: float | jax.Array) -> jax.Array:
-    """HF ``TopPLogitsWarper`` (min_tokens_to_keep 1); ``top_p >= 1`` disables.
-
-    A Python float is thresholded exactly as HF does (``1 - top_p`` in double, rounded to float32); an
-    array ``top_p`` uses ``1 - top_p`` in float32 (prefer :class:`SamplingParams`, which stores the cut).
-    """
-    if isinstance(top_p, numbers.Real):
-        cut, enabled = jnp.float32(1.0 - float(top_p)), jnp.asarray(top_p < 1.0)
-    else:
-        top_p = jnp.asarray(top_p, jnp.float32)
-        cut, enabled = 1.0 - top_p, top_p < 1.0
-    return _filter(scores, jnp.int32(0), cut, enabled)
 
 
 def process_logits(logits: jax.Array, seen: jax.Array, num_generated: jax.Array | int, params: SamplingParams,

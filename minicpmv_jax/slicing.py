@@ -1,10 +1,10 @@
-"""Image slicing geometry and prompt placeholders of MiniCPM-V 2.6 (DESIGN.md §6).
+"""Image slicing geometry and prompt placeholders of MiniCPM-V 2.6 (docs/model.md §6).
 
 Everything here is a pure function of sizes and integers — no pixels, no PIL — so the geometry can be
 tested exhaustively and shared by the image side (:mod:`minicpmv_jax.image_processing`, which resizes
 and cuts) and the text side (the processor, which writes one placeholder per image).
 
-Notation (DESIGN.md §6 "Image slicing"): the original image is (W, H) pixels, ``S`` is
+Notation (docs/model.md §6 "Image slicing"): the original image is (W, H) pixels, ``S`` is
 ``scale_resolution`` (448), ``P`` is ``patch_size`` (14) and ``N`` is ``max_slice_nums`` (9). Sizes are
 always ``(width, height)`` pairs, as PIL writes them; grids are ``(cols, rows)``.
 
@@ -50,7 +50,7 @@ def _round_to_multiple(length: float, multiple: int) -> int:
 
 
 def fit(w: float, h: float, scale_resolution: int, patch_size: int, upscale: bool) -> Size:
-    """DESIGN §6 helper ``fit``: the size, in multiples of ``patch_size``, that a (w, h) region is resized to.
+    """docs/model.md §6 helper ``fit``: the size, in multiples of ``patch_size``, that a (w, h) region is resized to.
 
     If ``upscale`` is true or ``w·h > S²``, the region is rescaled to about S² pixels at its aspect ratio:
     ``r = w / h``, ``h' = int(S / sqrt(r))``, ``w' = int(h' * r)`` (both truncating, in that order).
@@ -72,7 +72,7 @@ def fit(w: float, h: float, scale_resolution: int, patch_size: int, upscale: boo
 
 
 def best_grid(width: int, height: int, max_slice_nums: int, scale_resolution: int) -> Grid | None:
-    """DESIGN §6 steps 1–2: the (cols, rows) grid an image of ``width × height`` is sliced into.
+    """docs/model.md §6 steps 1–2: the (cols, rows) grid an image of ``width × height`` is sliced into.
 
     Step 1: ``multiple = min(ceil(W·H / S²), N)``; ``multiple ≤ 1`` means no slicing (returns None).
     Step 2: candidate counts ``multiple − 1, multiple, multiple + 1`` minus 1 and anything above N; for
@@ -103,7 +103,7 @@ def best_grid(width: int, height: int, max_slice_nums: int, scale_resolution: in
 
 @dataclasses.dataclass(frozen=True)
 class SlicePlan:
-    """How one image is cut into pieces (DESIGN §6 steps 1–4).
+    """How one image is cut into pieces (docs/model.md §6 steps 1–4).
 
     Attributes:
       original_size: (W, H) of the source image.
@@ -140,7 +140,7 @@ class SlicePlan:
 def plan_slices(
     width: int, height: int, max_slice_nums: int, scale_resolution: int = 448, patch_size: int = 14
 ) -> SlicePlan:
-    """DESIGN §6 steps 1–4 for a ``width × height`` image.
+    """docs/model.md §6 steps 1–4 for a ``width × height`` image.
 
     Step 1 (no slicing): the only piece is ``fit(W, H, upscale=True)``.
     Step 3: the overview is ``fit(W, H, upscale=False)``.
@@ -171,7 +171,7 @@ def plan_slices(
 def slice_boxes(plan: SlicePlan) -> list[tuple[int, int, int, int]]:
     """Crop boxes ``(left, upper, right, lower)`` of the slices in the refine-sized image.
 
-    Top row first, left to right within a row (DESIGN §6 step 4); empty when the image is not sliced.
+    Top row first, left to right within a row (docs/model.md §6 step 4); empty when the image is not sliced.
     """
     if plan.grid is None or plan.slice_size is None:
         return []
@@ -200,7 +200,7 @@ def image_placeholder(
     query_num: int = 64,
     tokens: PlaceholderTokens = PlaceholderTokens(),
 ) -> str:
-    """The text that replaces the k-th (0-based) image tag of a prompt (DESIGN §6).
+    """The text that replaces the k-th (0-based) image tag of a prompt (docs/model.md §6).
 
     ``[<image_id>k</image_id> if use_image_id]`` + ``<image>`` + query_num × ``<unk>`` + ``</image>``,
     then, if ``grid`` is not None, one line per grid row joined by ``\\n`` (no newline before the first),

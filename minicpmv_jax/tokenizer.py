@@ -1,6 +1,6 @@
 """MiniCPM-V 2.6 tokenizer: the checkpoint's ``tokenizer.json`` run by the ``tokenizers`` library.
 
-The checkpoint is the source of truth (DESIGN.md): every special-token id is looked up by its string in
+The checkpoint is the source of truth (docs/model.md): every special-token id is looked up by its string in
 the loaded files, never hard-coded. ``tokenizer_config.json`` supplies the named special tokens
 (``eos_token``, ``pad_token``, ``unk_token``, …) and the Jinja ``chat_template``.
 
@@ -220,7 +220,7 @@ class MiniCPMVTokenizer:
 
     @property
     def pad_id(self) -> int:
-        """Id of the config's ``pad_token`` (``<|endoftext|>``). Batches are still padded with 0 (DESIGN §6)."""
+        """Id of the config's ``pad_token`` (``<|endoftext|>``). Batches are still padded with 0 (docs/model.md §6)."""
         return self._ids[self.pad_token]
 
     @property

@@ -1,4 +1,4 @@
-"""Video input (DESIGN.md §6, "Video"): which frames to take, and decoding them with PyAV.
+"""Video input (docs/model.md §6, "Video"): which frames to take, and decoding them with PyAV.
 
 The model sees a video as a sequence of frames, each an ordinary image (one user message, frames in
 order, before the question). Two steps::
@@ -105,7 +105,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 
 def sample_frame_indices(num_frames: int, avg_fps: float, max_frames: int = 64) -> list[int]:
-    """The frames the model card's video example takes (DESIGN §6): one per second, at most ``max_frames``.
+    """The frames the model card's video example takes (docs/model.md §6): one per second, at most ``max_frames``.
 
     Every ``round(avg_fps)``-th frame starting at frame 0 (Python ``round``, ties to even: 29.97 → 30,
     23.976 → 24, 2.5 → 2); if that is more than ``max_frames`` frames, ``max_frames`` of them spread

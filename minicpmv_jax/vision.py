@@ -1,4 +1,4 @@
-"""SigLIP vision encoder with variable-resolution position ids (DESIGN §3).
+"""SigLIP vision encoder with variable-resolution position ids (docs/model.md §3).
 
 Input is a batch of pieces padded to a common patch count (see ``patches.pack_pieces``): ``patches [B, P, C]``,
 ``pos_ids [B, P]`` (exact ids from ``position_buckets``) and ``valid [B, P]``. Padded patches are masked as
@@ -16,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from minicpmv_jax.config import MiniCPMVConfig, VisionConfig
@@ -74,14 +75,14 @@ def _attention_batched(q, k, v, key_valid, scale):
 
 def _attention_per_head(q, k, v, key_valid, scale):
     """One (piece, head) pair per step of a loop over the B·N pairs."""
-    b, t, n, _ = q.shape
+    b, _, n, _ = q.shape
 
-    def heads(x):  # [B, L, N, H] → [B·N, L, H]
-        return jnp.swapaxes(x, 1, 2).reshape(b * n, x.shape[1], x.shape[3])
+    def heads(x):  # q [B, T, N, H] → [B·N, T, H]; k, v the same with S for T
+        return rearrange(x, "B T N H -> (B N) T H")
 
     valid = None if key_valid is None else jnp.repeat(key_valid, n, axis=0)              # [B·N, S]
     out = jax.lax.map(lambda a: _attend(*a, scale), (heads(q), heads(k), heads(v), valid))
-    return jnp.swapaxes(out.reshape(b, n, t, out.shape[-1]), 1, 2)
+    return rearrange(out, "(B N) T H -> B T N H", B=b)
 
 
 def per_piece_on_cpu(fn, *args):

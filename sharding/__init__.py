@@ -27,7 +27,7 @@ Typical use::
 
 from .mesh import MESH_AXES, abstract_mesh, axis_sizes, make_mesh, mesh_shape, parse_mesh_shape
 from .placement import (abstract_with_shardings, batch_sharding, batch_spec, constrain, constrain_kv_cache,
-                        describe, flat_param_shardings, kv_cache_shardings, kv_cache_specs, logical_axes_of,
+                        flat_param_shardings, kv_cache_shardings, kv_cache_specs, logical_axes_of,
                         param_shardings, param_specs, shard_batch, shard_model, sharded_kv_cache)
 from .plan import IdleAxis, MemoryPlan, TowerMemory, abstract_params, format_plan, plan_memory, resolve_config
 from .rules import (ACTIVATION_AXES, CACHE_AXES, LOGICAL_AXES, RESIDUAL_AXES, RULES, TRAINING_RULES, Rules,
@@ -42,7 +42,7 @@ __all__ = [
     # placement
     "logical_axes_of", "param_specs", "param_shardings", "flat_param_shardings", "abstract_with_shardings",
     "shard_model", "batch_spec", "batch_sharding", "shard_batch", "kv_cache_specs", "kv_cache_shardings",
-    "sharded_kv_cache", "constrain", "constrain_kv_cache", "describe",
+    "sharded_kv_cache", "constrain", "constrain_kv_cache",
     # plan
     "MemoryPlan", "TowerMemory", "IdleAxis", "abstract_params", "plan_memory", "format_plan", "resolve_config",
 ]

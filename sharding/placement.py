@@ -15,7 +15,7 @@ by a spec / sharding / ``ShapeDtypeStruct``), so they can be passed as ``jax.jit
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from .rules import CACHE_AXES, RULES, Rules, logical_to_spec
 __all__ = [
     "logical_axes_of", "param_specs", "param_shardings", "flat_param_shardings", "abstract_with_shardings",
     "shard_model", "batch_spec", "batch_sharding", "shard_batch", "kv_cache_specs", "kv_cache_shardings",
-    "sharded_kv_cache", "constrain", "constrain_kv_cache", "describe",
+    "sharded_kv_cache", "constrain", "constrain_kv_cache",
 ]
 
 Path = tuple[str | int, ...]
@@ -246,16 +246,3 @@ def constrain_kv_cache(cache, mesh: Mesh | None = None, rules: Rules = RULES):
         return cache
     return cache.replace(k=tuple(constrain(b, CACHE_AXES, mesh, rules) for b in cache.k),
                          v=tuple(constrain(b, CACHE_AXES, mesh, rules) for b in cache.v))
-
-
-def describe(shardings: nnx.State | Mapping[Path, Any]) -> str:
-    """One line per parameter: ``path  spec`` (for logs and debugging)."""
-    if isinstance(shardings, nnx.State):
-        flat = [(p, v.get_value()) for p, v in nnx.to_flat_state(shardings)]
-    else:
-        flat = list(shardings.items())
-    lines = []
-    for path, s in flat:
-        spec = s.spec if isinstance(s, NamedSharding) else getattr(getattr(s, "sharding", None), "spec", s)
-        lines.append(f"{_show(path)}  {spec}")
-    return "\n".join(lines)

@@ -29,6 +29,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
+from minicpmv_jax.dtypes import as_dtype
+
 from .mesh import MESH_AXES, _devices, _setting_error, abstract_mesh, axis_sizes, mesh_shape, parse_mesh_shape
 from .placement import kv_cache_specs, logical_axes_of
 from .rules import CACHE_AXES, RULES, Rules, check_rules, logical_to_spec, spec_shard_shape
@@ -162,8 +164,6 @@ def abstract_params(cfg) -> nnx.State:
 
 
 def _dtype_name(dtype: Any) -> str:
-    from minicpmv_jax.model import as_dtype
-
     return as_dtype(dtype).name
 
 

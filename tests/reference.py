@@ -25,7 +25,7 @@ def hf_qwen2(cfg: MiniCPMVConfig, tensors: dict[str, np.ndarray], dtype=torch.fl
 
 
 def hf_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Float32 logits of the reference with DESIGN §5's position ids for left padding."""
+    """Float32 logits of the reference with docs/model.md §5's position ids for left padding."""
     positions = np.where(mask, np.cumsum(mask, axis=1) - 1, 1)
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),

@@ -24,6 +24,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, MinNewT
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from helpers import prompt_ignore_length
 from minicpmv_jax import beam_search as bs
 from minicpmv_jax import sampling as sp
 from reference import tiny_hf_qwen2
@@ -80,14 +81,15 @@ def hf_generate(model, emb, mask, *, rep, lp, min_new, eos):
     return out.sequences.numpy(), out.sequences_scores.numpy()
 
 
-def run_ours(model, emb, mask, *, rep, lp, min_new, eos, mode="ours", penalty_start=None):
+def run_ours(model, emb, mask, *, rep, lp, min_new, eos, mode="ours", start=None):
     """Our beam search with HF's model and cache, sequenced as the compiled loop will do it."""
     b, w, vocab = emb.shape[0], BEAMS, model.config.vocab_size
     params = bs.BeamParams.make(max_new_tokens=MAX_NEW, stop_ids=eos, length_penalty=lp, pad_id=PAD,
                                 capacity=CAPACITY)
     sparams = sp.SamplingParams.make(repetition_penalty=rep, min_new_tokens=min_new)
     state = bs.init(params, b, w)
-    start = sp.penalty_start(jnp.asarray(mask.numpy())) if penalty_start is None else penalty_start
+    if start is None:   # HF's prompt_ignore_length: the first pad_len generated tokens are not penalised
+        start = jnp.asarray(prompt_ignore_length(mask.numpy()))
     start = bs.expand_beams(start, w)
     seen = jnp.zeros((b * w, vocab), bool)
     hf_processors = LogitsProcessorList()
@@ -201,7 +203,7 @@ def test_qwen2_matches_hf_generate(model, name):
     if name == "b2_padded_penalty":
         # HF exempts the first pad_len generated tokens of a padded row from the penalty; the case is
         # sensitive to that (penalising all generated tokens gives another answer).
-        plain = run_ours(model, emb, mask, penalty_start=jnp.zeros((2,), jnp.int32), **kw)
+        plain = run_ours(model, emb, mask, start=jnp.zeros((2,), jnp.int32), **kw)
         assert not np.array_equal(plain["every"], got["every"])
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import noise_image
 from minicpmv_jax import chat as chat_lib
 from minicpmv_jax import generate as gen
 from minicpmv_jax import sampling
 from minicpmv_jax.generation_config import GenerationConfig
 from minicpmv_jax.processor import IMAGE_TAG
-from test_model_parity import noise_image
 
 N = 12  # max_new_tokens in these tests
 

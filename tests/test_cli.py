@@ -45,7 +45,7 @@ def test_plan_prints_per_device_memory(capsys):
     assert cli.main(["plan", "--mesh", "1x8x1", "--batch", "2", "--max-len", "1024", "--device-memory", "16"]) == 0
     out = capsys.readouterr().out
     row = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
-    # 8,083,935,648 bf16 parameters (DESIGN §2); fsdp=8 splits every matrix 8 ways, norms and a few
+    # 8,083,935,648 bf16 parameters (docs/model.md §2); fsdp=8 splits every matrix 8 ways, norms and a few
     # biases stay whole, so a device holds just over 1/8.
     params = 8_083_935_648 * 2 / 2**30
     assert row["all"][2] == "8,083,935,648" and float(row["all"][3]) == pytest.approx(params, abs=0.01)

@@ -7,11 +7,10 @@ import json
 
 import pytest
 
+from helpers import noise_image, write_clip
 from minicpmv_jax import cli
 from minicpmv_jax.image_processing import load_image
 from minicpmv_jax.video import load_video
-from test_model_parity import noise_image
-from test_video import _write_clip
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +18,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli_inputs")
     noise_image(0, 300, 200).save(d / "a.png")
     noise_image(1, 90, 120).save(d / "b.jpg")
-    _write_clip(d / "clip.mp4", 75, 25)  # 3 s at 25 fps → 3 frames at one per second
+    write_clip(d / "clip.mp4", 75, 25)  # 3 s at 25 fps → 3 frames at one per second
     (d / "broken.mp4").write_bytes(b"not a video at all")
     return d
 
@@ -320,3 +319,21 @@ def test_convert_demo_gives_a_small_checkpoint_to_try(capsys, tmp_path, monkeypa
     assert "converted    demo ->" in out
     code, out, err = run(capsys, "info", "--model", tmp_path / "demo-orbax")
     assert code == 0 and "converted (Orbax)" in out, err
+
+
+def test_a_hub_id_is_downloaded_and_converted_once(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from minicpmv_jax.hub import converted_cache_dir
+    from minicpmv_jax.orbax_checkpoint import is_converted
+
+    monkeypatch.setenv("MINICPMV_JAX_CACHE", str(tmp_path / "cache"))
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns: downloads.append(repo_id) or tiny_checkpoint[0])
+    argv = ("chat", "--model", "someone/tiny", "--dtype", "float32", "--greedy", "--max-new-tokens", 3, "hi")
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert downloads == ["someone/tiny"] and is_converted(converted_cache_dir("someone/tiny"))
+    code, again, err = run(capsys, *argv)
+    assert code == 0 and again == out and downloads == ["someone/tiny"], err  # the converted folder, no download

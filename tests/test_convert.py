@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minicpmv_jax import convert_weights
+from minicpmv_jax import checkpoint_folder
 from minicpmv_jax.convert_weights import ConvertError, _convert, _transpose, convert
 from minicpmv_jax import checkpoint_names as names
 from minicpmv_jax import config as C
@@ -488,7 +488,7 @@ def test_disk_error_is_one_line_and_dst_kept(tmp_path, sources, monkeypatch, cap
 def test_failure_while_copying_files_leaves_nothing(tmp_path, sources, monkeypatch):
     def boom(src, dst):
         raise PermissionError(13, "Permission denied", src)
-    monkeypatch.setattr(convert_weights._source.shutil, "copyfile", boom)
+    monkeypatch.setattr(checkpoint_folder.shutil, "copyfile", boom)
     with pytest.raises(ConvertError, match="Permission denied"):
         convert(sources["bfloat16"], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
@@ -496,8 +496,6 @@ def test_failure_while_copying_files_leaves_nothing(tmp_path, sources, monkeypat
 
 def test_failed_swap_puts_the_old_checkpoint_back(tmp_path, sources, monkeypatch):
     """With --overwrite DST is renamed aside, the new folder renamed in; if that fails, the old comes back."""
-    from minicpmv_jax.convert_weights import _output
-
     dst = tmp_path / "out"
     convert(sources["bfloat16"], dst, progress=False)
     manifest = (dst / "convert_manifest.json").read_bytes()
@@ -509,7 +507,7 @@ def test_failed_swap_puts_the_old_checkpoint_back(tmp_path, sources, monkeypatch
             if len(calls) == 2:                                  # the staging folder → DST
                 raise OSError(5, "Input/output error")
         rename(a, b)
-    monkeypatch.setattr(_output.os, "rename", flaky)
+    monkeypatch.setattr(checkpoint_folder.os, "rename", flaky)
     with pytest.raises(ConvertError, match=r"cannot move the converted folder into place .*Input/output error"):
         convert(sources["bfloat16"], dst, dtype="float32", overwrite=True, progress=False)
     assert len(calls) == 3 and calls[2][1] == str(dst)          # aside, (failed) in, back

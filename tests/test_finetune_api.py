@@ -16,7 +16,7 @@ from flax import nnx
 
 from minicpmv_jax import convert_weights
 import minicpmv_jax.finetune as finetune
-from _finetune_helpers import make_batch, train_config
+from helpers import make_batch, train_config
 from minicpmv_jax import MiniCPMV
 from minicpmv_jax import orbax_checkpoint as ock
 from minicpmv_jax.image_inputs import build_image_inputs

@@ -9,12 +9,12 @@ import os
 
 import pytest
 
+from helpers import noise_image
 from minicpmv_jax import cli
 from minicpmv_jax.cli_finetune import _train_config
 from minicpmv_jax.finetune.checkpoint import TrainCheckpointer
 from minicpmv_jax.finetune.config import DEFAULT_LORA_TARGETS, TrainConfig
 from minicpmv_jax.finetune.trainer import CHECKPOINT_DIR, read_log
-from test_model_parity import noise_image
 
 
 def user(text):

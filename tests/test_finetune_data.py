@@ -9,12 +9,12 @@ import os
 import numpy as np
 import pytest
 
+from helpers import noise_image
 from minicpmv_jax.chat import conversation_prompt
 from minicpmv_jax.finetune.batching import FinetuneDataset, bucket_length
 from minicpmv_jax.finetune.data import DataConfig, SampleError, SkippedSamplesWarning, default_buckets, load_samples
 from minicpmv_jax.processor import IMAGE_TAG, MiniCPMVProcessor
 from reference import rel_err
-from test_model_parity import noise_image
 
 IM_END = "<|im_end|>"
 BATCH_KEYS = {"input_ids", "attention_mask", "loss_mask", "image_bound", "pixel_values", "tgt_sizes",

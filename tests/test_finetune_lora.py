@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _finetune_helpers import text_batch, train_config
+from helpers import text_batch, train_config
 from minicpmv_jax import MiniCPMV
 from minicpmv_jax.finetune.config import LoRAConfig, TrainConfig, first_match
 from minicpmv_jax.finetune.lora import (LoRAEinsum, LoRAParam, apply_lora, lora_equations, lora_modules, merge_lora,

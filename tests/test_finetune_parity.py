@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from _finetune_helpers import make_batch, train_config
+from helpers import make_batch, train_config
 from minicpmv_jax import MiniCPMV
 from minicpmv_jax import checkpoint_names as names
 from minicpmv_jax import orbax_checkpoint as ock

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _finetune_helpers import make_batch, text_batch, train_config
+from helpers import make_batch, text_batch, train_config
 from minicpmv_jax import MiniCPMV
 from minicpmv_jax import orbax_checkpoint as ock
 from minicpmv_jax.finetune.config import DEFAULT_DECAY, LoRAConfig, TrainConfig, first_match

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from minicpmv_jax import sharding
-from _finetune_helpers import assert_same_update, make_batch, train_config
+from helpers import assert_same_update, make_batch, train_config
 from minicpmv_jax import MiniCPMV
 from minicpmv_jax import orbax_checkpoint as ock
 from minicpmv_jax.finetune.config import TrainConfig

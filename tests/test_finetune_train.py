@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _finetune_helpers import assert_same_update, make_batch, split_rows, text_batch, train_config
+from helpers import assert_same_update, make_batch, split_rows, text_batch, train_config
 from minicpmv_jax import MiniCPMV
 from minicpmv_jax import orbax_checkpoint as ock
 from minicpmv_jax.finetune.checkpoint import TrainCheckpointer

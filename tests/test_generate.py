@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import noise_image
 from minicpmv_jax import chat as chat_lib
 from minicpmv_jax import generate as gen
 from minicpmv_jax import sampling
+from minicpmv_jax.buckets import bucket
 from minicpmv_jax.processor import IMAGE_TAG
-from test_model_parity import noise_image
 
 
 def prompt(tiny_processor, content: str) -> str:
@@ -51,7 +52,7 @@ def ours(tiny_model, batch, *, max_new_tokens, stop_ids, strategy="greedy", num_
                                       **params)
     out = gen.generate(tiny_model, prepared.ids, prepared.mask, prepared.features, prepared.feature_index,
                        prepared.row_valid, strategy=strategy, sampling_params=sp, stop_ids=stop_ids,
-                       max_new_tokens=max_new_tokens, num_new=chat_lib._bucket(max_new_tokens, 16),
+                       max_new_tokens=max_new_tokens, num_new=bucket(max_new_tokens, 16),
                        num_beams=num_beams, length_penalty=length_penalty, seed=seed)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     return [tokens[b, :lengths[b]].tolist() for b in range(prepared.batch_size)]

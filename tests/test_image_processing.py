@@ -1,4 +1,4 @@
-"""Pixel side of preprocessing: loading/validation, RGB conversion, slicing, normalisation (DESIGN.md §3, §6)."""
+"""Pixel side of preprocessing: loading/validation, RGB conversion, slicing, normalisation (docs/model.md §3, §6)."""
 
 from __future__ import annotations
 

@@ -174,3 +174,34 @@ def test_vision_and_resampler_tensors_land_in_their_parameters(tmp_path):
     np.testing.assert_array_equal(np.asarray(m.vpm.layers[last].mlp.fc2.kernel[...]),
                                   tensors[f"vpm.encoder.layers.{last}.mlp.fc2.weight"].T)
     assert len(m.vpm.layers) == SMALL.num_vision_layers
+
+
+def test_hub_ids_download_what_each_loader_needs(tmp_path, monkeypatch, tiny_checkpoint):
+    """A Hub id: the processor fetches only config and tokenizer files, the model its weights too, and a
+    folder the command line converted earlier is used instead of any download."""
+    import huggingface_hub
+
+    from minicpmv_jax.hub import converted_cache_dir
+
+    monkeypatch.setenv("MINICPMV_JAX_CACHE", str(tmp_path / "cache"))
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.append((repo_id, sorted(allow_patterns)))
+        return tiny_checkpoint[0]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    MiniCPMVProcessor.from_pretrained("someone/tiny")
+    model = MiniCPMV.from_pretrained("someone/tiny", dtype="float32")
+    assert asked == [("someone/tiny", ["*.jinja", "*.json", "*.txt"]),
+                     ("someone/tiny", ["*.jinja", "*.json", "*.safetensors", "*.txt", "model.safetensors.index.json"])]
+    np.testing.assert_array_equal(np.asarray(model.llm.embed_tokens.embedding[...]),
+                                  tiny_checkpoint[1]["llm.model.embed_tokens.weight"])
+    from minicpmv_jax.convert_weights import convert
+
+    os.makedirs(os.path.dirname(converted_cache_dir("someone/tiny")))
+    convert(tiny_checkpoint[0], converted_cache_dir("someone/tiny"))
+    asked.clear()
+    MiniCPMV.from_pretrained("someone/tiny", dtype="float32")
+    MiniCPMVProcessor.from_pretrained("someone/tiny")
+    assert asked == []

@@ -7,22 +7,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
+from helpers import noise_image
 from minicpmv_jax import MiniCPMV
 from minicpmv_jax.processor import IMAGE_TAG
 from reference import rel_err
 
 TOL = 1e-4
-
-
-def noise_image(seed: int, width: int, height: int) -> Image.Image:
-    """A random RGB image with smooth structure plus noise (not a flat colour)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([(xx * (3 + c) + yy * (5 - c)) % 256 for c in range(3)], axis=-1)
-    pixels = np.clip(base + rng.integers(-40, 41, base.shape), 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB")
 
 
 def chat(tiny_processor, content: str) -> str:

@@ -12,10 +12,10 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import noise_image
 from minicpmv_jax.convert_weights import convert
 from minicpmv_jax.processor import IMAGE_TAG
 from reference import rel_err
-from test_model_parity import noise_image
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 

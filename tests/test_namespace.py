@@ -35,3 +35,26 @@ def test_no_generic_top_level_name_and_every_module_imports_without_one(tmp_path
                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert int(out.stdout.split()[-1]) > 40
+
+
+def test_no_test_file_imports_another_test_file():
+    """Shared test helpers live in ``tests/helpers.py`` (or the torch references), never in a ``test_*.py``:
+    importing one test file from another runs its module-level code and, under pytest, can collect its
+    tests twice. Every import counts, the ones inside functions too."""
+    import ast
+    import pathlib
+
+    tests = pathlib.Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):  # `from test_x import y`, and `from . import test_x`
+                modules = [node.module] if node.module else [alias.name for alias in node.names]
+            else:
+                continue
+            offenders += [f"{path.name}:{node.lineno} imports {m}" for m in modules
+                          if m.split(".")[0].startswith("test_")]
+    assert len(list(tests.glob("test_*.py"))) > 30
+    assert not offenders, "\n".join(offenders)

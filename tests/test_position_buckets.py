@@ -1,4 +1,4 @@
-"""Exact position-id bucketing (DESIGN §3) against torch's own arithmetic."""
+"""Exact position-id bucketing (docs/model.md §3) against torch's own arithmetic."""
 
 import numpy as np
 import pytest

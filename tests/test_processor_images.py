@@ -1,7 +1,7 @@
-"""Image path of the processor (DESIGN §6, §8): placeholders, pieces, tgt_sizes, image_bound, overrides,
+"""Image path of the processor (docs/model.md §6, §8): placeholders, pieces, tgt_sizes, image_bound, overrides,
 several images, batches, truncation and errors.
 
-Expected prompts are written out here from DESIGN §6's wording; the slice geometry (which grid, which
+Expected prompts are written out here from docs/model.md §6's wording; the slice geometry (which grid, which
 sizes) comes from ``slicing.plan_slices``, itself checked against an independent oracle in test_slicing.
 """
 
@@ -32,7 +32,7 @@ def image(seed: int, width: int, height: int) -> Image.Image:
 
 
 def expected_placeholder(k: int | None, grid: tuple[int, int] | None) -> str:
-    """DESIGN §6, spelled out: optional image id, the overview's 64 <unk>, then the grid lines."""
+    """docs/model.md §6, spelled out: optional image id, the overview's 64 <unk>, then the grid lines."""
     unks = "<unk>" * 64
     text = "" if k is None else f"<image_id>{k}</image_id>"
     text += "<image>" + unks + "</image>"

@@ -7,11 +7,12 @@ import pytest
 import torch
 from flax import nnx
 
-from _vision_helpers import jit_apply, load_tower, rel_err
+from helpers import jit_apply, load_tower
 from minicpmv_jax import checkpoint_names as names
 from minicpmv_jax.config import minicpmv_2_6, tiny
 from minicpmv_jax.patches import padded_length
 from minicpmv_jax.resampler import Resampler, grid_coords, sincos_2d
+from reference import rel_err
 from torch_vision_reference import TorchResampler, numpy_state_dict, randomize_, sincos_2d_table
 
 TOL = 1e-4
@@ -94,7 +95,7 @@ def test_sincos_2d_matches_reference_table(grid, dim):
     rows, cols = np.divmod(np.arange(h * w), w)
     ours = np.asarray(sincos_2d(jnp.asarray(rows), jnp.asarray(cols), dim))
     np.testing.assert_allclose(ours, sincos_2d_table(h, w, dim).numpy(), rtol=0, atol=2e-5)
-    # DESIGN §4 in float64: first half column, last half row; [sin, cos] with ω_i = 10000^(−i/(dim/4)).
+    # docs/model.md §4 in float64: first half column, last half row; [sin, cos] with ω_i = 10000^(−i/(dim/4)).
     omega = 10000.0 ** (-np.arange(dim // 4) / (dim // 4))
     angle_c, angle_r = cols[:, None] * omega, rows[:, None] * omega
     exact = np.concatenate([np.sin(angle_c), np.cos(angle_c), np.sin(angle_r), np.cos(angle_r)], axis=1)

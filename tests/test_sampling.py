@@ -14,6 +14,7 @@ import torch
 import transformers
 from transformers.generation import logits_process as hf
 
+from helpers import prompt_ignore_length
 from minicpmv_jax import sampling as sp
 from reference import tiny_hf_qwen2
 
@@ -27,7 +28,6 @@ STOP_HF = [11, 500]
 _penalty = jax.jit(sp.apply_repetition_penalty)
 _suppress = jax.jit(sp.suppress_stop_tokens)
 _temperature = jax.jit(sp.apply_temperature)
-_top_k = jax.jit(sp.top_k_filter)
 _process = jax.jit(sp.process_logits, static_argnames="do_sample")
 _beam_log_probs = jax.jit(sp.beam_log_probs)
 _update_seen = jax.jit(sp.update_seen)
@@ -59,6 +59,13 @@ def seen_of(ids, start=None):
     return seen
 
 
+def warped(x, **gen):
+    """``x`` through the warpers alone, on the path generation takes: ``process_logits`` (sampling) with
+    nothing seen, no stop suppression and temperature 1 (``x / 1`` is exact), so only top-k / top-p act."""
+    x = jnp.asarray(x)
+    return np.asarray(_process(x, jnp.zeros(x.shape, bool), 0, sp.SamplingParams.make(**gen), jnp.asarray(STOP)))
+
+
 def assert_same_filter(got, want, scores):
     """Kept scores bitwise equal; dropped sets equal up to which of several equal scores is dropped."""
     got, want, scores = np.asarray(got), np.asarray(want), np.asarray(scores)
@@ -85,15 +92,16 @@ def test_repetition_penalty(penalty):
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def test_penalty_start_is_hfs_prompt_ignore_length():
+def test_update_seen_start_is_hfs_prompt_ignore_length():
     """With inputs_embeds HF skips the first pad_len *generated* ids of a left-padded row."""
     x, ids = make_logits(2), generated_ids(3)
     mask = np.ones((6, 7), np.int64)
     mask[1, :2] = 0
     mask[4, :5] = 0
-    start = sp.penalty_start(jnp.asarray(mask))
+    start = jnp.asarray(prompt_ignore_length(mask))
     np.testing.assert_array_equal(np.asarray(start), [0, 2, 0, 0, 5, 0])
     ignore = (torch.from_numpy(mask) != 0).int().argmax(dim=1)        # as _get_logits_processor computes it
+    np.testing.assert_array_equal(ignore.numpy(), np.asarray(start))
     want = hf.RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=ignore)(
         torch.from_numpy(ids), torch.from_numpy(x)).numpy()
     got = _penalty(jnp.asarray(x), seen_of(ids, start), jnp.float32(1.3))
@@ -123,13 +131,13 @@ def test_top_k(k):
     x = make_logits(6)
     x[2, :20] = np.sort(x[2])[-7]                 # a tie at the 7th largest value: HF keeps all of them
     want = hf.TopKLogitsWarper(k)(None, torch.from_numpy(x)).numpy()
-    np.testing.assert_array_equal(np.asarray(_top_k(jnp.asarray(x), jnp.int32(k))), want)
+    np.testing.assert_array_equal(warped(x, top_k=k), want)
 
 
 def test_top_k_disabled():
     x = make_logits(6)
-    for k in (0, -3):
-        np.testing.assert_array_equal(np.asarray(_top_k(jnp.asarray(x), jnp.int32(k))), x)
+    for k in (0, None):
+        np.testing.assert_array_equal(warped(x, top_k=k), x)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.3, 0.8, 0.95, 0.999])
@@ -137,7 +145,7 @@ def test_top_p(p):
     for seed in (7, 8, 9):
         x = make_logits(seed) * np.float32(0.4)      # flatter: the nucleus spans many (tied) tokens
         want = hf.TopPLogitsWarper(p)(None, torch.from_numpy(x)).numpy()
-        got = jax.jit(sp.top_p_filter, static_argnums=1)(jnp.asarray(x), p)
+        got = warped(x, top_p=p)
         assert_same_filter(got, want, x)
         assert (~np.isneginf(np.asarray(got))).sum(-1).min() >= 1
 
@@ -145,7 +153,8 @@ def test_top_p(p):
 def test_top_p_disabled_even_with_underflowing_probabilities():
     x = make_logits(7)
     x[3, 5] = -500.0                                   # softmax underflows to exactly 0
-    np.testing.assert_array_equal(np.asarray(sp.top_p_filter(jnp.asarray(x), 1.0)), x)
+    # top_k = V keeps every token but makes the filter run, with top-p off.
+    np.testing.assert_array_equal(warped(x, top_k=V, top_p=1.0), x)
 
 
 def test_top_p_tie_across_the_cut():
@@ -153,7 +162,7 @@ def test_top_p_tie_across_the_cut():
     x = np.full((1, 12), -np.inf, np.float32)
     x[0, [3, 5, 8, 9]] = 1.5
     want = hf.TopPLogitsWarper(0.6)(None, torch.from_numpy(x)).numpy()
-    got = np.asarray(sp.top_p_filter(jnp.asarray(x), 0.6))
+    got = warped(x, top_p=0.6)
     assert np.isneginf(want).sum() == np.isneginf(got).sum() == 9
     assert np.isneginf(got[0, 3])
 
@@ -196,7 +205,7 @@ def _padded_mask(rows=6, length=8):
 
 
 SAMPLING = [
-    dict(temperature=0.7, top_k=100, top_p=0.8, repetition_penalty=1.05, min_new_tokens=0),   # DESIGN §7
+    dict(temperature=0.7, top_k=100, top_p=0.8, repetition_penalty=1.05, min_new_tokens=0),   # docs/model.md §7
     dict(temperature=1.3, top_k=0, top_p=0.95, repetition_penalty=1.2, min_new_tokens=5),
     dict(temperature=0.5, top_k=7, top_p=1.0, repetition_penalty=0.8, min_new_tokens=2),
     dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, min_new_tokens=0),
@@ -213,7 +222,7 @@ def test_process_logits_matches_hf_sampling_list(hf_small, gen):
     for seed in (11, 12):
         x = make_logits(seed) * np.float32(0.5)
         want = processors(torch.from_numpy(ids), torch.from_numpy(x)).numpy()
-        seen = seen_of(ids, sp.penalty_start(jnp.asarray(mask)))
+        seen = seen_of(ids, jnp.asarray(prompt_ignore_length(mask)))
         got = _process(jnp.asarray(x), seen, ids.shape[1], sp.SamplingParams.make(**gen), jnp.asarray(STOP))
         # Dropped sets may differ only inside tie groups of the (penalised, tempered) scores.
         before_filter = hf.LogitsProcessorList(processors[:len([n for n in names if not n.startswith("Top")])])
@@ -226,7 +235,7 @@ def test_greedy_processing_matches_hf_list(hf_small):
     processors = hf_processor_list(hf_small, mask, do_sample=False, **gen)
     x = make_logits(14)
     want = processors(torch.from_numpy(ids), torch.from_numpy(x))
-    seen = seen_of(ids, sp.penalty_start(jnp.asarray(mask)))
+    seen = seen_of(ids, jnp.asarray(prompt_ignore_length(mask)))
     got = _process(jnp.asarray(x), seen, 2, sp.SamplingParams.make(**gen), jnp.asarray(STOP), do_sample=False)
     np.testing.assert_array_equal(np.asarray(got), want.numpy())
     np.testing.assert_array_equal(np.asarray(sp.greedy(got)), torch.argmax(want, dim=-1).numpy())
@@ -238,7 +247,7 @@ def test_beam_log_probs_match_hf_list(hf_small):
                                    min_new_tokens=4)
     x = make_logits(16)
     params = sp.SamplingParams.make(repetition_penalty=1.2, min_new_tokens=4)
-    seen = seen_of(ids, sp.penalty_start(jnp.asarray(mask)))
+    seen = seen_of(ids, jnp.asarray(prompt_ignore_length(mask)))
     got = np.asarray(_beam_log_probs(jnp.asarray(x), seen, 3, params, jnp.asarray(STOP)))
     # Same log-softmax input → bitwise equal processing ...
     ours_log_softmax = np.array(jax.jit(jax.nn.log_softmax)(jnp.asarray(x)))
@@ -332,7 +341,7 @@ def decode_loop(model, emb, mask, params, stop, do_sample, seed=0):
     """HF ``_sample``'s order with our functions: process, choose, pad finished rows, record, stop."""
     b = emb.shape[0]
     stop_ids = jnp.asarray(stop, jnp.int32)
-    start = sp.penalty_start(jnp.asarray(mask.numpy()))
+    start = jnp.asarray(prompt_ignore_length(mask.numpy()))
     seen = jnp.zeros((b, VOCAB), bool)
     unfinished = np.ones(b, bool)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -362,7 +371,7 @@ def decode_loop(model, emb, mask, params, stop, do_sample, seed=0):
 
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_decode_loop_matches_hf_generate(model, do_sample):
-    """Greedy (penalty 1.3, min_new_tokens 3) and top-k=1 sampling (DESIGN §7 warpers) on a padded batch."""
+    """Greedy (penalty 1.3, min_new_tokens 3) and top-k=1 sampling (docs/model.md §7 warpers) on a padded batch."""
     emb, mask = _prompt()
     with torch.no_grad():
         free = model.generate(inputs_embeds=emb, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,

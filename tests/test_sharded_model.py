@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import noise_image
 from minicpmv_jax import sharding
 from minicpmv_jax.convert_weights import convert
 from minicpmv_jax import MiniCPMV
 from minicpmv_jax.processor import IMAGE_TAG
 from reference import rel_err
-from test_model_parity import noise_image
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4)]
 

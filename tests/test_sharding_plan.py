@@ -1,6 +1,6 @@
 """plan_memory: per-device bytes of the 8B model on a mesh, checked against a hand calculation.
 
-The parameter count is written out from the tensor shapes of DESIGN §2 (the vision tower holds the 26
+The parameter count is written out from the tensor shapes of docs/model.md §2 (the vision tower holds the 26
 layers that run); which parameters each mesh axis splits follows from the rules table:
 
 * every weight matrix and every vector along the model width (LayerNorm, o/fc2/patch biases) has an
@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from minicpmv_jax import sharding as S
 from minicpmv_jax.config import minicpmv_2_6, tiny
 
-# --- DESIGN §2, by hand ------------------------------------------------------------------------------
+# --- docs/model.md §2, by hand ------------------------------------------------------------------------------
 V, D, F, L, KV = 151666, 3584, 18944, 28, 4 * 128
 VD, VF, VL, PATCH, POS, Q = 1152, 4304, 26, 3 * 14 * 14, 70 * 70, 64
 

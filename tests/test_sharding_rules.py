@@ -1,7 +1,7 @@
 """Sharding: meshes, the rules resolver, golden per-parameter specs, and placement on 8 CPU devices.
 
 The test session runs with 8 simulated CPU devices (conftest). Expected specs and shard counts are
-written by hand from the rules in ``sharding/rules.py`` and the model's sizes (DESIGN §2):
+written by hand from the rules in ``sharding/rules.py`` and the model's sizes (docs/model.md §2):
 
     full size   Qwen2 D 3584, N 28, K 4, H 128, F 18944, V 151666 = 2 × 75833;
                 SigLIP D 1152, 16 heads of 72, F 4304; resampler 28 heads of 128

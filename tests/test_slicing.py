@@ -1,6 +1,6 @@
-"""Slicing geometry and placeholders (DESIGN.md §6) against an independent oracle and hand-checked cases.
+"""Slicing geometry and placeholders (docs/model.md §6) against an independent oracle and hand-checked cases.
 
-The oracle below (``_oracle_*``) is written plainly from the text of DESIGN §6, separately from
+The oracle below (``_oracle_*``) is written plainly from the text of docs/model.md §6, separately from
 ``minicpmv_jax.slicing``; expectations never come from the code under test.
 """
 
@@ -17,7 +17,7 @@ S, P = 448, 14
 
 
 # ----------------------------------------------------------------------------------------------------
-# Independent oracle, transcribed from DESIGN §6.
+# Independent oracle, transcribed from docs/model.md §6.
 # ----------------------------------------------------------------------------------------------------
 
 

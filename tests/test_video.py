@@ -1,8 +1,8 @@
-"""Video input: the frame-sampling rule and decoding with PyAV (DESIGN.md §6, "Video").
+"""Video input: the frame-sampling rule and decoding with PyAV (docs/model.md §6, "Video").
 
-Clips are written here with PyAV. Every frame carries its own number as a 4x3 grid of 16x16 black or
-white blocks (12 bits, one per block, aligned to the codec's macroblocks), which survives lossy
-compression, so each test can tell exactly WHICH frames came back.
+Clips are written with PyAV (``helpers.write_clip``). Every frame carries its own number as a 4x3 grid
+of 16x16 black or white blocks (12 bits, one per block, aligned to the codec's macroblocks), which
+survives lossy compression, so each test can tell exactly WHICH frames came back.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import fractions
 import io
 import math
 import os
-import pathlib
 import struct
 import warnings
 
@@ -20,19 +19,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import CLIP_HEIGHT, CLIP_WIDTH, frame_number, frame_pixels, write_clip
 from minicpmv_jax import video
 from minicpmv_jax.video import VideoError, VideoWarning, load_video, sample_frame_indices
 
-W, H, BLOCK = 64, 48, 16
-COLS, ROWS = W // BLOCK, H // BLOCK  # 4 x 3 = 12 bits: frame numbers up to 4095
+W, H = CLIP_WIDTH, CLIP_HEIGHT
 
 
 # --------------------------------------------------------------------------------------------------
-# The rule, written from the DESIGN text (not from the module)
+# The rule, written from the text of docs/model.md (not from the module)
 
 
 def _oracle(num_frames: int, fps: float, max_frames: int) -> list[int]:
-    """DESIGN §6: every round(avg_fps)-th frame from 0; if more than max_frames, the i-th kept is entry
+    """docs/model.md §6: every round(avg_fps)-th frame from 0; if more than max_frames, the i-th kept is entry
     int(i*g + g/2) of that list, g = len / max_frames. A step that rounds to 0 (fps < 0.5) means every
     frame (the module's documented guard)."""
     step = round(fps) or 1
@@ -43,7 +42,7 @@ def _oracle(num_frames: int, fps: float, max_frames: int) -> list[int]:
     return [one_per_second[int(i * g + g / 2)] for i in range(max_frames)]
 
 
-# Worked by hand from the DESIGN text.
+# Worked by hand from the text of docs/model.md.
 HAND_CASES = [
     ((0, 30.0, 64), []),
     ((1, 30.0, 64), [0]),
@@ -126,54 +125,8 @@ def test_sample_frame_indices_rejects_bad_arguments(kwargs, match):
 # Clips
 
 
-def _frame_pixels(number: int) -> np.ndarray:
-    img = np.zeros((H, W, 3), np.uint8)
-    for bit in range(COLS * ROWS):
-        if number >> bit & 1:
-            r, c = divmod(bit, COLS)
-            img[r * BLOCK:(r + 1) * BLOCK, c * BLOCK:(c + 1) * BLOCK] = 255
-    return img
-
-
-def _frame_number(img: Image.Image) -> int:
-    assert img.mode == "RGB" and img.size == (W, H)
-    px = np.asarray(img, dtype=np.float32)
-    number = 0
-    for bit in range(COLS * ROWS):
-        r, c = divmod(bit, COLS)
-        block = px[r * BLOCK + 4:(r + 1) * BLOCK - 4, c * BLOCK + 4:(c + 1) * BLOCK - 4]
-        mean = float(block.mean())
-        assert mean < 64 or mean > 192, f"block {bit} is ambiguous ({mean:.0f}); compression too lossy?"
-        number |= (mean > 128) << bit
-    return number
-
-
 def _numbers(frames: list[Image.Image]) -> list[int]:
-    return [_frame_number(f) for f in frames]
-
-
-def _write_clip(path, num_frames, rate, *, options=None, container_options=None, audio_seconds=None):
-    """An mpeg4 clip of ``num_frames`` numbered frames at ``rate`` fps (plus optional mp2 audio)."""
-    with av.open(str(path), "w", options=container_options or {}) as out:
-        stream = out.add_stream("mpeg4", rate=fractions.Fraction(rate), options=options or {})
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.bit_rate = 2_000_000
-        audio = None
-        if audio_seconds:
-            audio = out.add_stream("mp2", rate=48000, layout="mono")
-        for i in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(_frame_pixels(i), format="rgb24")
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-        if audio is not None:
-            total = int(audio_seconds * 48000)
-            for start in range(0, total, 1152):
-                samples = np.zeros((1, min(1152, total - start)), np.int16)
-                aframe = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
-                aframe.sample_rate, aframe.pts = 48000, start
-                out.mux(audio.encode(aframe))
-            out.mux(audio.encode())
-    return pathlib.Path(path)
+    return [frame_number(f) for f in frames]
 
 
 def _decodable_count(path) -> int:
@@ -195,15 +148,15 @@ def _decodable_count(path) -> int:
 def clips(tmp_path_factory):
     d = tmp_path_factory.mktemp("clips")
     return {
-        "mp4_30": (_write_clip(d / "a.mp4", 120, 30), 120, 30.0),  # 4 s
-        "avi_25": (_write_clip(d / "b.avi", 125, 25), 125, 25.0),  # 5 s
-        "mkv_24": (_write_clip(d / "c.mkv", 100, 24), 100, 24.0),  # no frame count in the header
-        "mp4_2997": (_write_clip(d / "d.mp4", 120, fractions.Fraction(30000, 1001)), 120, 30000 / 1001),
-        "mp4_60": (_write_clip(d / "e.mp4", 180, 60), 180, 60.0),  # 3 s
-        "mp4_bframes": (_write_clip(d / "f.mp4", 50, 25, options={"bf": "2"}), 50, 25.0),
-        "long_1fps": (_write_clip(d / "g.mp4", 70, 1), 70, 1.0),  # 70 s: more one-per-second frames than 64
+        "mp4_30": (write_clip(d / "a.mp4", 120, 30), 120, 30.0),  # 4 s
+        "avi_25": (write_clip(d / "b.avi", 125, 25), 125, 25.0),  # 5 s
+        "mkv_24": (write_clip(d / "c.mkv", 100, 24), 100, 24.0),  # no frame count in the header
+        "mp4_2997": (write_clip(d / "d.mp4", 120, fractions.Fraction(30000, 1001)), 120, 30000 / 1001),
+        "mp4_60": (write_clip(d / "e.mp4", 180, 60), 180, 60.0),  # 3 s
+        "mp4_bframes": (write_clip(d / "f.mp4", 50, 25, options={"bf": "2"}), 50, 25.0),
+        "long_1fps": (write_clip(d / "g.mp4", 70, 1), 70, 1.0),  # 70 s: more one-per-second frames than 64
         "mp4_faststart": (
-            _write_clip(d / "h.mp4", 100, 25, container_options={"movflags": "faststart"}), 100, 25.0),
+            write_clip(d / "h.mp4", 100, 25, container_options={"movflags": "faststart"}), 100, 25.0),
     }
 
 
@@ -271,7 +224,7 @@ def test_load_video_from_file_objects_and_bytes(clips):
 
 def test_load_video_ignores_audio_and_trusts_the_video_track_duration(tmp_path):
     # 3 s of video, 6 s of audio: the container lasts 6 s, which must not read as a truncated video.
-    path = _write_clip(tmp_path / "av.mkv", 72, 24, audio_seconds=6)
+    path = write_clip(tmp_path / "av.mkv", 72, 24, audio_seconds=6)
     with av.open(str(path)) as c:
         assert {s.type for s in c.streams} == {"video", "audio"}
     assert _numbers(_load_quietly(path)) == [0, 24, 48]
@@ -306,7 +259,7 @@ def test_load_video_with_metadata_that_is_not_utf8(tmp_path):
         stream = out.add_stream("mpeg4", rate=10)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         for i in range(25):
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(_frame_pixels(i), format="rgb24")))
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame_pixels(i), format="rgb24")))
         out.mux(stream.encode())
     assert _numbers(_load_quietly(path)) == [0, 10, 20]
 
@@ -429,7 +382,7 @@ def test_text_file_is_not_a_video(tmp_path):
 
 def test_still_image_is_not_a_video(tmp_path):
     path = tmp_path / "still.png"
-    Image.fromarray(_frame_pixels(5)).save(path)
+    Image.fromarray(frame_pixels(5)).save(path)
     with pytest.raises(VideoError, match=r"still\.png"):
         load_video(path)
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 from flax import nnx
 
-from _vision_helpers import jit_apply, load_tower, random_image, rel_err
+from helpers import jit_apply, load_tower, random_image
 from minicpmv_jax import checkpoint_names as names
 from minicpmv_jax.config import minicpmv_2_6, tiny
 from minicpmv_jax.patches import pack_pieces
 from minicpmv_jax.position_buckets import bucket_coords
 from minicpmv_jax.vision import VisionEncoder
+from reference import rel_err
 from torch_vision_reference import TorchSiglip, numpy_state_dict, randomize_
 
 TOL = 1e-4
@@ -174,7 +175,7 @@ def test_full_size_name_table_covers_checkpoint(full_encoder):
     with torch.device("meta"):
         reference = TorchSiglip(v.hidden_size, v.intermediate_size, v.num_attention_heads, cfg.num_vision_layers)
     shapes = {k: tuple(t.shape) for k, t in reference.state_dict().items()}
-    # DESIGN §2 shapes, as a check on the reference itself.
+    # docs/model.md §2 shapes, as a check on the reference itself.
     assert shapes["embeddings.patch_embedding.weight"] == (1152, 3, 14, 14)
     assert shapes["embeddings.position_embedding.weight"] == (4900, 1152)
     assert shapes["encoder.layers.25.mlp.fc1.weight"] == (4304, 1152)

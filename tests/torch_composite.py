@@ -1,9 +1,9 @@
 """The whole MiniCPM-V forward in PyTorch, for parity tests: transformers' Qwen2 + the torch vision reference.
 
-Built from a checkpoint's tensors (the names of DESIGN §2) and driven by the processor's batch dict:
+Built from a checkpoint's tensors (the names of docs/model.md §2) and driven by the processor's batch dict:
 per prompt, each piece goes through ``TorchSiglip`` and ``TorchResampler`` one at a time (no padding),
 its 64 features replace the embeddings of its ``image_bound`` span, and Qwen2 runs on ``inputs_embeds``
-with DESIGN §5's position ids for left padding. Deliberately written without any of the JAX code.
+with docs/model.md §5's position ids for left padding. Deliberately written without any of the JAX code.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ gradients, for full fine-tuning and for hand-written LoRA.
 Built on :class:`torch_composite.TorchMiniCPMV` (transformers' Qwen2 + the torch vision reference) with
 the same tensors as the JAX model; the forward is re-written here with gradients enabled (the composite's
 own methods run under ``no_grad``): each piece through SigLIP and the resampler one at a time (no
-padding), its features written into its ``image_bound`` span, Qwen2 on ``inputs_embeds`` with DESIGN §5's
+padding), its features written into its ``image_bound`` span, Qwen2 on ``inputs_embeds`` with docs/model.md §5's
 position ids. Deliberately free of the JAX code.
 
 LoRA is written by hand on the language model's ``q/k/v/o_proj``: ``base(x) + scale · (x @ A) @ B`` with
@@ -81,7 +81,7 @@ class TorchTrainReference:
 
     def loss_and_grads(self, batch: dict) -> tuple[float, int, dict[str, np.ndarray]]:
         """(loss, target tokens, gradient per trainable parameter). Full fine-tuning names gradients by
-        checkpoint tensor name (DESIGN §2); LoRA by ``layers.{i}.{proj}.lora_a`` / ``.lora_b``."""
+        checkpoint tensor name (docs/model.md §2); LoRA by ``layers.{i}.{proj}.lora_a`` / ``.lora_b``."""
         for m in self.modules.values():
             m.zero_grad(set_to_none=True)
         loss, count = self.loss(batch)

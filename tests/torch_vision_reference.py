@@ -1,9 +1,9 @@
-"""A plain PyTorch reference of the SigLIP encoder and the resampler, written from DESIGN.md §2–§4.
+"""A plain PyTorch reference of the SigLIP encoder and the resampler, written from docs/model.md §2–§4.
 
 It is deliberately independent of the JAX code: a real ``nn.Conv2d`` patch embedding, the position table
-as an ``nn.Embedding`` indexed with ``torch.bucketize`` exactly as DESIGN §3 states, ``nn.LayerNorm``,
+as an ``nn.Embedding`` indexed with ``torch.bucketize`` exactly as docs/model.md §3 states, ``nn.LayerNorm``,
 eager attention with the softmax in float32, and ``nn.MultiheadAttention`` for the resampler. Module
-attribute names follow the checkpoint, so ``state_dict()`` keys are exactly the DESIGN §2 names without
+attribute names follow the checkpoint, so ``state_dict()`` keys are exactly the docs/model.md §2 names without
 the ``vpm.`` / ``resampler.`` prefix. One piece at a time, no padding.
 """
 
@@ -18,7 +18,7 @@ from torch import nn
 
 
 def torch_bucket_coords(n: int, side: int = 70) -> torch.Tensor:
-    """DESIGN §3 verbatim: bucketize float32 fractional coordinates of an ``n``-patch side."""
+    """docs/model.md §3 verbatim: bucketize float32 fractional coordinates of an ``n``-patch side."""
     fractional = torch.arange(0, 1 - 1e-6, 1 / torch.tensor(n))
     boundaries = torch.arange(1 / side, 1.0, 1 / side)
     return torch.bucketize(fractional, boundaries, right=True)
@@ -109,7 +109,7 @@ class TorchSiglip(nn.Module):
 
 
 def sincos_2d_table(height: int, width: int, dim: int) -> torch.Tensor:
-    """DESIGN §4: float32 [H·W, dim]; first half encodes the column, last half the row."""
+    """docs/model.md §4: float32 [H·W, dim]; first half encodes the column, last half the row."""
     quarter = dim // 4
     omega = torch.arange(quarter, dtype=torch.float32) / quarter
     omega = 1.0 / 10000 ** omega

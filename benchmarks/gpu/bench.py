@@ -12,7 +12,7 @@ torch's caching allocator do not share a card well; PyTorch first, then JAX), th
              ``TorchSiglip`` / ``TorchResampler`` of ``tests/torch_vision_reference.py``, all built directly
              on the device in bf16 with their own initialisation (``bench_torch.build_torch``).
   ttft       time to first token for a fresh random 1344×1344 image (overview + 3×3 slices = 10 pieces of
-             448²; a 691-token prompt in the layout of DESIGN §6 with random text ids — no tokenizer):
+             448²; a 691-token prompt in the layout of docs/model.md §6 with random text ids — no tokenizer):
              ``preprocess_image`` (the project's PIL preprocessing, on both sides) → vision → prefill →
              the first token on the host. JAX: ``chat.prepare_batch`` (prompt left-padded to 1024, pieces
              packed into a batch of 16, feature cache, encoder + resampler in one jit) then

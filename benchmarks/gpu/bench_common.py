@@ -48,7 +48,7 @@ def stop_ids(vocab_size: int) -> tuple[int, ...]:
 
 
 def image_prompt(grid, num_queries: int, vocab_size: int, seed: int):
-    """Token ids [T] int32 and placeholder spans [n, 2] of a one-image chat prompt (DESIGN §6 layout).
+    """Token ids [T] int32 and placeholder spans [n, 2] of a one-image chat prompt (docs/model.md §6 layout).
 
     ``<|im_start|>user\\n<image_id>0</image_id>`` (5 ids), ``<image>`` + Q placeholders + ``</image>``, then
     per slice row (``\\n`` between rows) cols × (``<slice>`` + Q + ``</slice>``), then a 24-id question and

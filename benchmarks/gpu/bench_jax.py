@@ -208,7 +208,7 @@ def dry_run(plan: Plan, device_gb: float) -> dict:
 
     from minicpmv_jax import generate as gen
     from minicpmv_jax import sampling
-    from minicpmv_jax.chat import _bucket
+    from minicpmv_jax.buckets import bucket
     from minicpmv_jax.image_inputs import pack_for_encoder, pieces_bucket
     from minicpmv_jax.image_processing import preprocess_image
     from minicpmv_jax.model import MiniCPMV
@@ -252,7 +252,7 @@ def dry_run(plan: Plan, device_gb: float) -> dict:
     grid = preprocess_image(random_image(plan.image_size, plan.seed), sl.max_slice_nums, sl.scale_resolution,
                             sl.patch_size).grid
     prompt_t = len(image_prompt(grid, q, c.vocab_size, plan.seed)[0])
-    ttft_t = _bucket(prompt_t, 16)
+    ttft_t = bucket(prompt_t, 16)
     num_pieces, patches = packed[0].shape[:2]
     if pieces_bucket(len(pieces)) != num_pieces:
         raise AssertionError(f"{len(pieces)} pieces packed into {num_pieces}, expected {pieces_bucket(len(pieces))}")

@@ -14,7 +14,7 @@ text-only program.
 
 The input is the fine-tuning batch contract (issue 7; :class:`minicpmv_jax.finetune.data.FinetuneDataset`
 yields it): ``input_ids`` int [B, L] left-padded with 0, ``attention_mask`` bool [B, L], ``loss_mask`` bool
-[B, L], and the processor's ``image_bound`` / ``pixel_values`` (DESIGN §8).
+[B, L], and the processor's ``image_bound`` / ``pixel_values`` (docs/model.md §8).
 
 Placement (:func:`batch_shardings`): the token arrays ``[A, B, L]`` split B like any batch (``data``, then
 ``fsdp``, see :mod:`minicpmv_jax.sharding.rules`); the encoder inputs are replicated, as in ``MiniCPMV.compute_logits``.

@@ -6,11 +6,11 @@ Orbax tree of every parameter of :class:`~minicpmv_jax.model.MiniCPMV` in our la
 merged first (``W += (alpha/r)·A·B`` in float32, on a copy: the model passed in keeps its adapters), so
 the result is a plain model, loadable without this package's fine-tuning code.
 
-Writing is atomic, with the converter's staging helpers (``convert_weights.check_destination`` /
-``staged``): the folder is built beside ``dst`` and renamed into place at the end; a failure leaves ``dst`` as
-it was. Parameters are written with the converter's Orbax settings (``orbax_checkpoint.write_params``) from
-wherever they live (sharded arrays: each process writes its shards), then checked against the model before
-the rename.
+Writing is atomic, with the folder helpers the converter uses too (:mod:`minicpmv_jax.checkpoint_folder`:
+``check_destination`` / ``staged``): the folder is built beside ``dst`` and renamed into place at the end; a
+failure leaves ``dst`` as it was. Parameters are written with the converter's Orbax settings
+(``orbax_checkpoint.write_params``) from wherever they live (sharded arrays: each process writes its
+shards), then checked against the model before the rename.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from minicpmv_jax.convert_weights import check_destination, copy_aux_files, staged
 from minicpmv_jax import orbax_checkpoint as ock
+from minicpmv_jax.checkpoint_folder import check_destination, copy_aux_files, staged
+from minicpmv_jax.dtypes import as_dtype
 from minicpmv_jax.hub import resolve_model
-from minicpmv_jax.model import as_dtype
 
 from .lora import lora_modules, merge_lora
 

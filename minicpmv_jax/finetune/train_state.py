@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpmv_jax import orbax_checkpoint as ock
-from minicpmv_jax.model import as_dtype
+from minicpmv_jax.dtypes import as_dtype
 
 from .config import TrainConfig
 from .lora import LoRAParam, apply_lora

@@ -1,6 +1,6 @@
 """Writes small random MiniCPM-V checkpoints in the exact HF layout (tests, demos, benchmarks).
 
-The tensor names here are written out from DESIGN.md §2 on purpose, independently of
+The tensor names here are written out from docs/model.md §2 on purpose, independently of
 :mod:`minicpmv_jax.checkpoint_names`, so that a wrong name in the table fails the tests instead of
 being mirrored by the fixture.
 
@@ -25,7 +25,7 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtype
 
 
 def checkpoint_shapes(cfg: MiniCPMVConfig, vision_layers: int | None = None) -> dict[str, tuple[int, ...]]:
-    """Every tensor of DESIGN §2 with its shape, for ``cfg``. ``vision_layers`` defaults to what runs."""
+    """Every tensor of docs/model.md §2 with its shape, for ``cfg``. ``vision_layers`` defaults to what runs."""
     l, v, r = cfg.llm, cfg.vision, cfg.resampler
     d, kv, f = l.hidden_size, l.num_key_value_heads * l.head_dim, l.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {"llm.model.embed_tokens.weight": (l.vocab_size, d)}

