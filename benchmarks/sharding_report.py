@@ -7,7 +7,7 @@ against a KV cache of ``--cache-len`` slots, write the new slot, logits) — wit
 weight:
 
 * the model is ``nnx.eval_shape``-built (shapes and logical axes only, the fast RNG-ref way of
-  ``sharding.plan.abstract_params``) and every parameter gets its ``NamedSharding`` from
+  ``minicpmv_jax.memory_plan.abstract_params``) and every parameter gets its ``NamedSharding`` from
   ``sharding.abstract_with_shardings``; the KV cache from ``sharding.kv_cache_shardings`` (and
   ``sharding.constrain_kv_cache`` on the written cache), tokens / positions / ``key_valid`` from
   ``sharding.batch_sharding``; the cache and ``key_valid`` are donated, as the decode loop does; the LLM
@@ -17,7 +17,7 @@ weight:
 * ``jax.jit(step).lower(<ShapeDtypeStructs with shardings>).compile()`` on 8 simulated CPU devices;
   ``compiled.as_text()`` is parsed for all-reduce / all-gather / reduce-scatter / collective-permute /
   all-to-all (count and bytes), ``compiled.memory_analysis()`` gives argument / output / temp bytes per
-  device, and ``sharding.plan_memory`` the per-device parameters (all three towers) and KV cache.
+  device, and ``memory_plan.plan_memory`` the per-device parameters (all three towers) and KV cache.
 
 Depth: compiling 28 layers per mesh takes 13–25 s on the shared 2-core machine, so by default the step is compiled
 with 1 and with 2 layers (same widths) and every number is extrapolated linearly,
@@ -79,7 +79,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from minicpmv_jax import sharding  # noqa: E402
+from minicpmv_jax import memory_plan, sharding  # noqa: E402
 from minicpmv_jax import generate  # noqa: E402
 from minicpmv_jax.config import minicpmv_2_6, tiny  # noqa: E402
 from minicpmv_jax.qwen2 import Qwen2  # noqa: E402
@@ -128,7 +128,7 @@ ALTERNATIVES = (
 
 @functools.lru_cache(maxsize=8)
 def _abstract_llm(llm_cfg) -> nnx.Module:
-    """The Qwen2 tower as shapes only (bfloat16), built like ``sharding.plan.abstract_params``."""
+    """The Qwen2 tower as shapes only (bfloat16), built like ``minicpmv_jax.model.abstract_model``."""
     def build():
         with nnx.var_defaults(ref=True):
             rngs = nnx.Rngs(0)
@@ -335,7 +335,7 @@ def measure(cfg, shape, variant: Variant, batch: int, cache_len: int, full_depth
                   "one layer; the extrapolation is approximate", file=sys.stderr)
         per_layer = sorted((k, v) for k, v in layer.items() if v)
         once = sorted((k, v) for k, v in fixed.items() if v)
-    plan = sharding.plan_memory(cfg, shape, batch=batch, max_len=cache_len, rules=rules)
+    plan = memory_plan.plan_memory(cfg, shape, batch=batch, max_len=cache_len, rules=rules)
     llm_tower = next(t for t in plan.towers if t.name == "llm")
     plan_numbers = {"params": plan.param_bytes_per_device, "llm_params": llm_tower.per_device_bytes,
                     "kv": plan.kv_cache_bytes_per_device}

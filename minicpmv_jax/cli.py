@@ -85,7 +85,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from minicpmv_jax.sharding import format_plan, plan_memory
+    from minicpmv_jax.memory_plan import format_plan, plan_memory
 
     result = plan_memory(args.model, args.mesh, batch=args.batch, max_len=args.max_len, dtype=args.dtype)
     print(format_plan(result, args.device_memory))

@@ -90,7 +90,7 @@ class MiniCPMV(nnx.Module):
         _check_mesh(mesh)
         folder = resolve_model(path)
         config = MiniCPMVConfig.from_pretrained(folder)
-        abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=_rngs()))
+        abstract = abstract_model(config, dtype, param_dtype, cls=cls)
         shardings = None if mesh is None else sharding.flat_param_shardings(abstract, mesh, rules)
         if orbax_checkpoint.is_converted(folder):            # written by `minicpmv-jax convert`
             model = orbax_checkpoint.restore_params(folder, abstract, shardings=shardings)
@@ -264,9 +264,18 @@ def _check_mesh(mesh, required: bool = False) -> None:
     raise TypeError(f"mesh must be {allowed}, got {type(mesh).__name__}")
 
 
-def _rngs() -> nnx.Rngs:
-    """RNG streams for building an abstract model: array refs, so that ``nnx.eval_shape`` of the 8B model
-    takes ~1.4 s instead of ~9 s (plain Variables make flax compare the counter's sharding on every draw,
-    which scans the whole trace; see ``sharding.plan.abstract_params``)."""
-    with nnx.var_defaults(ref=True):
-        return nnx.Rngs(0)
+def abstract_model(config: MiniCPMVConfig, dtype: Any = "bfloat16", param_dtype: Any = None, *,
+                   cls: type[MiniCPMV] = MiniCPMV) -> MiniCPMV:
+    """The model as shapes, dtypes and logical axes only (``nnx.eval_shape``: nothing allocated).
+
+    The RNG streams are created as array refs (``nnx.var_defaults(ref=True)``; the parameters are not):
+    with plain Variables, flax compares the RNG counter's ``.sharding`` on every draw, and for a tracer jax
+    builds that attribute error's message by scanning the whole trace, so building the 8B model took ~9 s
+    (quadratic in the number of parameters) instead of ~1.4 s.
+    """
+    def build() -> MiniCPMV:
+        with nnx.var_defaults(ref=True):
+            rngs = nnx.Rngs(0)
+        return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    return nnx.eval_shape(build)

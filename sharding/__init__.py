@@ -11,8 +11,9 @@ package is the only place that maps them to mesh axes. The modules:
   vocabulary does not), the residual-stream layouts and their decode cost are documented there.
 * :mod:`minicpmv_jax.sharding.placement` — specs / shardings / sharded abstract trees for the parameters,
   :func:`shard_model`, the batch and KV-cache shardings, and :func:`constrain` for activations.
-* :mod:`minicpmv_jax.sharding.plan` — :func:`plan_memory` / :func:`format_plan`: per-device bytes without weights, and
-  the mesh axes that split nothing of a tower or the KV cache (:class:`IdleAxis`).
+
+The memory plan of the model on a mesh (it needs the model, which this package does not know) is
+:mod:`minicpmv_jax.memory_plan`.
 
 Typical use::
 
@@ -29,7 +30,6 @@ from .mesh import MESH_AXES, abstract_mesh, axis_sizes, make_mesh, mesh_shape, p
 from .placement import (abstract_with_shardings, batch_sharding, batch_spec, constrain, constrain_kv_cache,
                         flat_param_shardings, kv_cache_shardings, kv_cache_specs, logical_axes_of,
                         param_shardings, param_specs, shard_batch, shard_model, sharded_kv_cache)
-from .plan import IdleAxis, MemoryPlan, TowerMemory, abstract_params, format_plan, plan_memory, resolve_config
 from .rules import (ACTIVATION_AXES, CACHE_AXES, LOGICAL_AXES, RESIDUAL_AXES, RULES, TRAINING_RULES, Rules,
                     check_rules, logical_to_spec, num_shards, override_rules, shards_per_dim, spec_shard_shape)
 
@@ -43,6 +43,4 @@ __all__ = [
     "logical_axes_of", "param_specs", "param_shardings", "flat_param_shardings", "abstract_with_shardings",
     "shard_model", "batch_spec", "batch_sharding", "shard_batch", "kv_cache_specs", "kv_cache_shardings",
     "sharded_kv_cache", "constrain", "constrain_kv_cache",
-    # plan
-    "MemoryPlan", "TowerMemory", "IdleAxis", "abstract_params", "plan_memory", "format_plan", "resolve_config",
 ]

@@ -7,6 +7,8 @@ top-level folders but install as ``minicpmv_jax.convert_weights`` and ``minicpmv
 
 from __future__ import annotations
 
+import ast
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -26,7 +28,7 @@ def test_no_generic_top_level_name_and_every_module_imports_without_one(tmp_path
                  for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
         for name in names:
             importlib.import_module(name)
-        assert "minicpmv_jax.sharding.plan" in names and "minicpmv_jax.convert_weights._convert" in names, names
+        assert "minicpmv_jax.memory_plan" in names and "minicpmv_jax.convert_weights._convert" in names, names
         leaked = sorted(n for n in sys.modules if n.split(".")[0] in ("sharding", "convert_weights"))
         assert not leaked, leaked
         print(len(names))
@@ -58,3 +60,70 @@ def test_no_test_file_imports_another_test_file():
                           if m.split(".")[0].startswith("test_")]
     assert len(list(tests.glob("test_*.py"))) > 30
     assert not offenders, "\n".join(offenders)
+
+
+# ---------------------------------------------------------------------------------------- import graph
+
+
+def _project_modules() -> dict[str, pathlib.Path]:
+    """Every module of the installed package, by dotted name (the mapped subpackages included)."""
+    import minicpmv_jax
+    from minicpmv_jax import convert_weights, sharding
+
+    out = {}
+    for pkg in (minicpmv_jax, sharding, convert_weights):
+        root = pathlib.Path(pkg.__path__[0])
+        for path in root.rglob("*.py"):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join([pkg.__name__, *parts])] = path
+    return out
+
+
+def _imports(module: str, path: pathlib.Path, modules: dict[str, pathlib.Path]) -> set[str]:
+    """The project modules ``module`` imports, at any depth of its code (inside functions too)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        for name in names:
+            while name and name not in modules:  # an attribute of a module: the module
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                found.add(name)
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    """Layers import only downward: no cycle among the package's modules, counting imports inside functions
+    (a lazy import written to dodge a cycle hides an arrow pointing the wrong way). A package ``__init__``
+    re-exporting counts too: a module importing a name from the package root depends on all of it."""
+    modules = _project_modules()
+    assert "minicpmv_jax.model" in modules and "minicpmv_jax.sharding.rules" in modules
+    graph = {m: _imports(m, p, modules) for m, p in modules.items()}
+    order, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycle = path[path.index(nxt):] + [nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+        order.append(node)
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert len(order) == len(modules)

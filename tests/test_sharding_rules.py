@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from minicpmv_jax import memory_plan
 from minicpmv_jax import sharding as S
 from minicpmv_jax.config import minicpmv_2_6, tiny
 from minicpmv_jax.errors import ArgumentError
@@ -145,7 +146,7 @@ def test_every_logical_name_has_a_rule():
 
 @pytest.fixture(scope="module")
 def full_state():
-    return S.abstract_params(minicpmv_2_6())      # eval_shape: no weights materialised
+    return memory_plan.abstract_params(minicpmv_2_6())      # eval_shape: no weights materialised
 
 
 def test_full_size_params_all_declare_known_axes(full_state):
@@ -333,7 +334,7 @@ def test_placement_matches_the_plan(placed):
     device = jax.devices()[0]
     held = sum(s.data.nbytes for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
                for s in var.get_value().addressable_shards if s.device == device)
-    plan = S.plan_memory(tiny(), shape, dtype="float32")
+    plan = memory_plan.plan_memory(tiny(), shape, dtype="float32")
     assert plan.param_bytes_per_device == held
 
 

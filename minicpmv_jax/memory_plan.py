@@ -1,4 +1,7 @@
-"""Per-device memory of a mesh layout, without loading (or even allocating) a single weight.
+"""Per-device memory of the model on a mesh layout, without loading (or even allocating) a single weight.
+
+It lives above the model (it builds :class:`~minicpmv_jax.model.MiniCPMV` abstractly), not in
+:mod:`minicpmv_jax.sharding`, which knows logical axes and rules but no model.
 
 ``plan_memory(cfg, (data, fsdp, tensor), batch=..., max_len=..., dtype=...)`` builds the model with
 ``nnx.eval_shape`` (shapes, dtypes and logical axes only), resolves every parameter's spec with the
@@ -29,11 +32,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
+from minicpmv_jax import config as C
 from minicpmv_jax.dtypes import as_dtype
-
-from .mesh import MESH_AXES, _devices, _setting_error, abstract_mesh, axis_sizes, mesh_shape, parse_mesh_shape
-from .placement import kv_cache_specs, logical_axes_of
-from .rules import CACHE_AXES, RULES, Rules, check_rules, logical_to_spec, spec_shard_shape
+from minicpmv_jax.errors import ArgumentError
+from minicpmv_jax.model import abstract_model
+from minicpmv_jax.sharding.mesh import MESH_AXES, abstract_mesh, axis_sizes, mesh_shape, parse_mesh_shape
+from minicpmv_jax.sharding.placement import kv_cache_specs, logical_axes_of
+from minicpmv_jax.sharding.rules import (CACHE_AXES, RULES, Rules, check_rules, logical_to_spec,
+                                         spec_shard_shape)
 
 __all__ = ["PRESETS", "KV_CACHE", "TowerMemory", "IdleAxis", "MemoryPlan", "resolve_config", "abstract_params",
            "plan_memory", "format_plan"]
@@ -126,8 +132,6 @@ class MemoryPlan:
 def resolve_config(model: Any):
     """A ``MiniCPMVConfig`` from a config, a preset name (:data:`PRESETS`), a checkpoint folder or a
     ``config.json`` path."""
-    from minicpmv_jax import config as C   # lazy: the sharding package imports without the model
-
     if isinstance(model, C.MiniCPMVConfig):
         return model
     if isinstance(model, (str, os.PathLike)):
@@ -136,31 +140,20 @@ def resolve_config(model: Any):
             return getattr(C, PRESETS[text.lower()])()
         if os.path.exists(text):
             return C.MiniCPMVConfig.from_pretrained(text)
-        raise _setting_error("{}: not a checkpoint folder, a config.json file, or one of the presets "
-                             f"{sorted(set(PRESETS))}", f"model={text!r}")
+        raise ArgumentError("{}: not a checkpoint folder, a config.json file, or one of the presets {presets}",
+                            f"model={text!r}", presets=sorted(set(PRESETS)))
     raise TypeError(f"model: expected a MiniCPMVConfig, a preset name or a path, got {type(model).__name__}")
 
 
 @functools.lru_cache(maxsize=4)
 def abstract_params(cfg) -> nnx.State:
-    """``nnx.state(MiniCPMV(cfg), nnx.Param)`` as shapes only (``nnx.eval_shape``), cached per config.
+    """``nnx.state(MiniCPMV(cfg), nnx.Param)`` as shapes only (:func:`~minicpmv_jax.model.abstract_model`),
+    cached per config.
 
     Built in bfloat16; shapes and logical axes do not depend on the dtype (callers scale by the item size
     they want). Do not mutate the returned state: it is shared.
-
-    The RNG streams are created as array refs (``nnx.var_defaults(ref=True)``; the parameters are not):
-    with plain Variables, flax compares the RNG counter's ``.sharding`` on every draw, and for a tracer
-    jax builds that attribute error's message by scanning the whole trace, so building the 8B model took
-    ~9 s (quadratic in the number of parameters) instead of ~1.4 s.
     """
-    from minicpmv_jax.model import MiniCPMV
-
-    def build():
-        with nnx.var_defaults(ref=True):
-            rngs = nnx.Rngs(0)
-        return MiniCPMV(cfg, dtype="bfloat16", rngs=rngs)
-
-    return nnx.state(nnx.eval_shape(build), nnx.Param)
+    return nnx.state(abstract_model(cfg, "bfloat16"), nnx.Param)
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -191,7 +184,7 @@ def plan_memory(model: Any, mesh: Any = (1, 1, 1), *, batch: int = 1, max_len: i
     mesh = _mesh(mesh)
     for name, value in (("batch", batch), ("max_len", max_len)):
         if value < 1:
-            raise _setting_error("{} must be positive", f"{name}={value}")
+            raise ArgumentError("{} must be positive", f"{name}={value}")
     dtype_name = _dtype_name(dtype)
     kv_name = _dtype_name(kv_dtype if kv_dtype is not None else dtype)
     itemsize = np.dtype(dtype_name).itemsize       # every parameter is stored in the one param dtype
@@ -265,7 +258,8 @@ def _gib(n: int) -> str:
 def format_plan(plan: MemoryPlan, device_memory_gib: float | None = None) -> str:
     """A text table of ``plan``; with ``device_memory_gib`` (e.g. 16 for a TPU v5e chip) also the headroom."""
     mesh = " × ".join(f"{n}={s}" for n, s in zip(MESH_AXES, plan.mesh_shape))
-    lines = [f"mesh {mesh} ({_devices(plan.num_devices)}); parameters {plan.dtype}, KV cache {plan.kv_dtype}",
+    devices = f"{plan.num_devices} device" + ("" if plan.num_devices == 1 else "s")
+    lines = [f"mesh {mesh} ({devices}); parameters {plan.dtype}, KV cache {plan.kv_dtype}",
              f"{'':34}{'parameters':>14}{'total':>14}{'per device':>14}"]
     for t in plan.towers:
         lines.append(f"  {_TOWER_TITLES.get(t.name, t.name):32}{t.num_params:14,}{_gib(t.total_bytes):>14}"
