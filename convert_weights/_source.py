@@ -19,8 +19,8 @@ import os
 import ml_dtypes
 import numpy as np
 
-from minicpmv_jax.hf_checkpoint import CheckpointError, HFCheckpoint, is_hub_id
-from minicpmv_jax.hub import download, resolve_model
+from minicpmv_jax.hf_checkpoint import CheckpointError, HFCheckpoint
+from minicpmv_jax.hub import resolve_model
 
 from ._errors import ConvertError
 
@@ -37,11 +37,7 @@ def resolve_source(src: str | os.PathLike) -> str:
     downloaded with ``huggingface_hub`` (never a folder converted before: conversion reads safetensors)."""
     src = os.fspath(src)
     try:
-        if is_hub_id(src) and not os.path.isdir(os.path.expanduser(src)):
-            return download(src)
-        return resolve_model(src)
-    except ConvertError:
-        raise
+        return resolve_model(src, converted=False)
     except CheckpointError as e:  # the converter's own error type, same message
         raise ConvertError(str(e)) from None
 

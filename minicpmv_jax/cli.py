@@ -24,7 +24,7 @@ import ast
 import collections
 import sys
 import warnings
-from typing import Callable
+from typing import Callable, Mapping
 
 from flax import nnx
 
@@ -131,10 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def flag_namer(parser: argparse.ArgumentParser) -> Callable[[str], str]:
+def flag_namer(parser: argparse.ArgumentParser, aliases: Mapping[str, str] | None = None) -> Callable[[str], str]:
     """Python's spelling of a setting → ``parser``'s flag: ``max_new_tokens`` → ``--max-new-tokens``,
     ``resume=True`` → ``--resume``, ``on_bad='skip'`` → ``--on-bad skip``; a setting without a flag is
-    left as it is. Used to word :class:`~minicpmv_jax.errors.ArgumentError` for the command line."""
+    left as it is. ``aliases`` maps settings named otherwise than the flag's dest to that dest
+    (``DataConfig.batch_size`` → ``batch_size``; a subcommand declares them as its ``setting_aliases``
+    default). Used to word :class:`~minicpmv_jax.errors.ArgumentError` for the command line."""
+    aliases = aliases or {}
     flags: dict[str, argparse.Action] = {}
     for action in parser._actions:  # argparse keeps its actions here; there is no public accessor
         if action.option_strings:
@@ -142,7 +145,7 @@ def flag_namer(parser: argparse.ArgumentParser) -> Callable[[str], str]:
 
     def name(setting: str) -> str:
         dest, eq, value = setting.partition("=")
-        action = flags.get(dest)
+        action = flags.get(aliases.get(dest, dest))
         if action is None:
             return setting
         flag = max(action.option_strings, key=len)
@@ -165,7 +168,7 @@ def flag_namer(parser: argparse.ArgumentParser) -> Callable[[str], str]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    name = flag_namer(_subparser(parser, args.command))
+    name = flag_namer(_subparser(parser, args.command), getattr(args, "setting_aliases", None))
     args.error_message = lambda e: e.worded(name) if isinstance(e, ArgumentError) else str(e)
     try:
         return args.func(args)

@@ -17,7 +17,8 @@ the optimizer state are float32 whatever it is.
 Input errors (an unreadable or bad data file, a bad mesh, an existing output folder, a checkpoint of other
 settings) are one line on stderr and exit status 2, before the model is loaded where possible. They name
 the flag at fault (``--batch-size 2``), not the library setting behind it (``DataConfig.batch_size=2``):
-the library raises :class:`~minicpmv_jax.errors.ArgumentError`, and ``_DESTS`` maps its settings to flags.
+the library raises :class:`~minicpmv_jax.errors.ArgumentError`, and ``_DESTS`` (this subcommand's
+``setting_aliases``) maps its settings to the flags' dests.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ DESCRIPTION = ("LoRA or full fine-tuning on a JSON or JSONL data file of the ref
 DEFAULT_LR = {"lora": 1e-4, "full": 1e-5}
 
 #: The settings that :func:`~minicpmv_jax.finetune.trainer.fit` names in its errors (its arguments and the
-#: TrainConfig / DataConfig fields) → the dests of the flags that set them here, for ``cli.main`` to name
-#: the flags. A setting missing here has the name of its dest (``output``, ``resume``) or no flag at all.
+#: TrainConfig / DataConfig fields) → the dests of the flags that set them here, for ``cli.flag_namer`` to
+#: name the flags. A setting missing here has the name of its dest (``output``, ``resume``) or no flag.
 _DESTS = {
     "dataset": "data",
     "DataConfig.max_length": "max_length", "DataConfig.batch_size": "batch_size", "DataConfig.seed": "seed",
@@ -121,7 +122,7 @@ def add_finetune_parser(sub) -> None:
     run.add_argument("--max-slice-nums", type=_positive(int), default=None, help="override the checkpoint's")
     run.add_argument("--no-export", action="store_true", help="do not write DIR/model at the end")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_finetune)
+    p.set_defaults(func=_finetune, setting_aliases=_DESTS)
 
 
 def _train_config(args: argparse.Namespace, total_steps: int):
@@ -156,17 +157,17 @@ def _one_line(text: str) -> str:
 
 
 def _cli_setting(name: str, value: Any) -> str:
-    """A setting of ``fit`` and its value (``TrainConfig.grad_accum_steps``, 2) spelled as this command's
-    argparse dest and the value its flag takes (``grad_accum=2``), which ``cli.main`` words as the flag
-    (``--grad-accum 2``). LoRA or not is ``--lora-rank R`` or ``--full``; no gradient clipping is
-    ``--max-grad-norm 0``."""
+    """A setting of ``fit`` and its value (``TrainConfig.grad_accum_steps``, 2) spelled with the value its
+    flag takes (``TrainConfig.grad_accum_steps=2``), which ``cli.main`` words as the flag
+    (``--grad-accum 2``, through :data:`_DESTS`). LoRA or not is ``--lora-rank R`` or ``--full``; no
+    gradient clipping is ``--max-grad-norm 0``."""
     if name == "TrainConfig.lora":
         return "full=True" if value is None else f"lora_rank={value.rank}"
     if name == "TrainConfig.max_grad_norm" and value is None:
         value = 0
     if isinstance(value, tuple):                     # --lora-targets RE [RE ...]
         value = " ".join(value)
-    return f"{_DESTS.get(name, name)}={value!r}"
+    return f"{name}={value!r}"
 
 
 def _datasets(args: argparse.Namespace, processor):
@@ -235,10 +236,8 @@ def _finetune(args: argparse.Namespace) -> int:
         # No reference kept to the model: the load-dtype copies of the trained parameters are freed in fit.
         result = fit(MiniCPMV.from_pretrained(folder, dtype=args.dtype, mesh=mesh), train_data, config, output,
                      base_model=folder, eval_dataset=eval_data, loop=loop)
-    except SettingChangedError as e:    # resuming with other settings: the flag and its value, not the field
+    except SettingChangedError as e:    # resuming with other settings: the values as the flags take them
         raise SettingChangedError(e.output, e.step, e.setting, e.before, e.now, spell=_cli_setting) from None
-    except ArgumentError as e:          # resuming with other data: --data, not dataset
-        raise ArgumentError(e.template, *(_DESTS.get(s, s) for s in e.settings), **e.values) from None
     train = [e for e in result.log if "loss" in e]
     evals = [e for e in result.log if "eval_loss" in e]
     summary = f"finetune: {int(result.state.step)} steps"

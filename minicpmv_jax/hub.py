@@ -52,9 +52,10 @@ def download(hub_id: str, weights: bool = True) -> str:
                               f"({type(e).__name__}: {why})") from None
 
 
-def resolve_model(spec: str | os.PathLike, weights: bool = True) -> str:
+def resolve_model(spec: str | os.PathLike, weights: bool = True, converted: bool = True) -> str:
     """A loadable checkpoint folder for ``spec``: a folder (``~`` expanded), ``"demo"`` or a Hub id (see
-    the module docstring); ``weights=False`` when only the config and tokenizer files are needed.
+    the module docstring); ``weights=False`` when only the config and tokenizer files are needed,
+    ``converted=False`` when a Hub id must give its HF files (for the converter), never a converted folder.
 
     Raises:
       CheckpointError: ``spec`` is neither a folder nor a reachable Hub id, in one line that says which
@@ -71,6 +72,6 @@ def resolve_model(spec: str | os.PathLike, weights: bool = True) -> str:
     if not is_hub_id(spec):
         raise CheckpointError(f"{spec}: no such folder")
     cached = converted_cache_dir(spec)
-    if is_converted(cached):
+    if converted and is_converted(cached):
         return cached
     return download(spec, weights)

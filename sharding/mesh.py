@@ -27,6 +27,8 @@ from typing import Mapping, Sequence
 import jax
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
+from minicpmv_jax.errors import ArgumentError
+
 __all__ = ["MESH_AXES", "MeshLike", "make_mesh", "abstract_mesh", "parse_mesh_shape", "axis_sizes",
            "mesh_shape"]
 
@@ -34,14 +36,6 @@ __all__ = ["MESH_AXES", "MeshLike", "make_mesh", "abstract_mesh", "parse_mesh_sh
 MESH_AXES = ("data", "fsdp", "tensor")
 
 MeshLike = Mesh | AbstractMesh | Mapping[str, int] | Sequence[int]
-
-
-def _setting_error(template: str, *settings: str) -> ValueError:
-    """A :class:`minicpmv_jax.errors.ArgumentError` naming ``settings`` (so the command line can word them as
-    its flags). Imported here, not at the top: this package imports without the model."""
-    from minicpmv_jax.errors import ArgumentError
-
-    return ArgumentError(template, *settings)
 
 
 def _devices(n: int) -> str:
@@ -53,25 +47,26 @@ def _resolve_sizes(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     """Fills a single ``-1`` with the remaining device count; checks that the product matches."""
     for name, size in sizes.items():
         if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
-            raise _setting_error("{} must be a positive integer or -1 (the rest of the devices)", f"{name}={size!r}")
+            raise ArgumentError("{} must be a positive integer or -1 (the rest of the devices)", f"{name}={size!r}")
     rest = [name for name, size in sizes.items() if size == -1]
     if len(rest) > 1:
-        raise _setting_error("only one axis may be -1, got " + " and ".join(["{}"] * len(rest)),
-                             *(f"{n}=-1" for n in rest))
+        raise ArgumentError("only one axis may be -1, got " + " and ".join(["{}"] * len(rest)),
+                            *(f"{n}=-1" for n in rest))
     fixed = {n: s for n, s in sizes.items() if s != -1}
     fixed_product = math.prod(fixed.values())
     if rest:
         if num_devices % fixed_product:
-            raise _setting_error(f"{{}} takes the rest of the {_devices(num_devices)}, but {num_devices} is not "
-                                 f"divisible by {' × '.join(['{}'] * len(fixed))} = {fixed_product}",
-                                 f"{rest[0]}=-1", *(f"{n}={s}" for n, s in fixed.items()))
+            raise ArgumentError("{} takes the rest of the {devices}, but {count} is not divisible by "
+                                + " × ".join(["{}"] * len(fixed)) + " = {product}",
+                                f"{rest[0]}=-1", *(f"{n}={s}" for n, s in fixed.items()),
+                                devices=_devices(num_devices), count=num_devices, product=fixed_product)
         sizes = {**sizes, rest[0]: num_devices // fixed_product}
     product = math.prod(sizes.values())
     if product != num_devices:
-        given = f"{_devices(num_devices)} {'is' if num_devices == 1 else 'are'} given"
-        raise _setting_error(f"{' × '.join(['{}'] * len(sizes))} = {_devices(product)}, but {given}; the product "
-                             "of the axis sizes must equal the device count (use -1 for one axis to take the rest)",
-                             *(f"{n}={s}" for n, s in sizes.items()))
+        raise ArgumentError(" × ".join(["{}"] * len(sizes)) + " = {product}, but {given} {verb} given; the product "
+                            "of the axis sizes must equal the device count (use -1 for one axis to take the rest)",
+                            *(f"{n}={s}" for n, s in sizes.items()), product=_devices(product),
+                            given=_devices(num_devices), verb="is" if num_devices == 1 else "are")
     return tuple(sizes.values())
 
 
@@ -86,7 +81,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
     """
     devs = list(jax.devices() if devices is None else devices)
     if not devs:
-        raise _setting_error("{}: no devices to build a mesh on", "devices=[]")
+        raise ArgumentError("{}: no devices to build a mesh on", "devices=[]")
     shape = _resolve_sizes({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devs))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devs)
 
@@ -98,7 +93,7 @@ def abstract_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1) -> AbstractMesh
     """
     for name, size in zip(MESH_AXES, (data, fsdp, tensor)):
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise _setting_error("{} must be a positive integer", f"{name}={size!r}")
+            raise ArgumentError("{} must be a positive integer", f"{name}={size!r}")
     return AbstractMesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -114,12 +109,13 @@ def parse_mesh_shape(text: str, allow_rest: bool = True) -> tuple[int, int, int]
     """
     m = _SHAPE_RE.match(text)
     if not m:
-        raise _setting_error("{}: expected a mesh shape DATAxFSDPxTENSOR, e.g. 1x1x8 or 2x4x1", f"mesh={text!r}")
+        raise ArgumentError("{}: expected a mesh shape DATAxFSDPxTENSOR, e.g. 1x1x8 or 2x4x1", f"mesh={text!r}")
     sizes = tuple(int(g) for g in m.groups())
     allowed = "a positive integer or -1 (the rest of the devices)" if allow_rest else "a positive integer"
     for name, size in zip(MESH_AXES, sizes):
         if size < 1 and not (allow_rest and size == -1):
-            raise _setting_error(f"{{}}: {name}={size} must be {allowed}", f"mesh={text!r}")
+            raise ArgumentError("{}: {axis}={size} must be {allowed}", f"mesh={text!r}", axis=name, size=size,
+                                allowed=allowed)
     return sizes  # type: ignore[return-value]
 
 

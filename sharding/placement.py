@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from minicpmv_jax.kv_cache import KVCache
+
 from .rules import CACHE_AXES, RULES, Rules, logical_to_spec
 
 __all__ = [
@@ -194,7 +196,6 @@ def kv_cache_specs(cache_or_cfg, mesh, *, batch: int | None = None, length: int 
     v = tuple(logical_to_spec(CACHE_AXES, s, mesh, rules) for s in v_shapes)
     if cache is not None:
         return cache.replace(k=k, v=v)
-    from minicpmv_jax.kv_cache import KVCache   # lazy: this package must import without the model
     return KVCache(k=k, v=v)
 
 
@@ -207,7 +208,6 @@ def kv_cache_shardings(cache_or_cfg, mesh: Mesh, *, batch: int | None = None, le
 
 def sharded_kv_cache(cfg, batch: int, length: int, mesh: Mesh, dtype=jnp.bfloat16, rules: Rules = RULES):
     """A zero ``KVCache`` created directly in its shards (no full copy on one device)."""
-    from minicpmv_jax.kv_cache import KVCache
     llm = _llm_config(cfg)
     shardings = kv_cache_shardings(llm, mesh, batch=batch, length=length, rules=rules)
     return jax.jit(lambda: KVCache.zeros(llm, batch, length, dtype), out_shardings=shardings)()
