@@ -8,10 +8,11 @@ weight:
 
 * the model is ``nnx.eval_shape``-built (shapes and logical axes only, the fast RNG-ref way of
   ``minicpmv_jax.memory_plan.abstract_params``) and every parameter gets its ``NamedSharding`` from
-  ``sharding.abstract_with_shardings``; the KV cache from ``sharding.kv_cache_shardings`` (and
-  ``sharding.constrain_kv_cache`` on the written cache), tokens / positions / ``key_valid`` from
+  ``sharding.abstract_with_shardings``; the KV cache from ``kv_cache.shardings`` (and
+  ``kv_cache.constrain`` on the written cache), tokens / positions / ``key_valid`` from
   ``sharding.batch_sharding``; the cache and ``key_valid`` are donated, as the decode loop does; the LLM
-  constrains its residual stream per the rules (``Qwen2.shard_activations``, as ``MiniCPMV.shard`` does);
+  constrains its residual stream per the rules (traced in ``sharding.use_mesh(mesh, rules)``, as the
+  compiled programs of ``minicpmv_jax.generate`` are);
 * the logits leave the step split only by batch (whole rows of ``[B, V]`` on each device, the layout
   top-k / top-p sampling needs), so a vocabulary split pays its all-gather inside the measured step;
 * ``jax.jit(step).lower(<ShapeDtypeStructs with shardings>).compile()`` on 8 simulated CPU devices;
@@ -80,7 +81,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from minicpmv_jax import memory_plan, sharding  # noqa: E402
-from minicpmv_jax import generate  # noqa: E402
+from minicpmv_jax import generate, kv_cache  # noqa: E402
 from minicpmv_jax.config import minicpmv_2_6, tiny  # noqa: E402
 from minicpmv_jax.qwen2 import Qwen2  # noqa: E402
 
@@ -97,7 +98,8 @@ COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expen
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A rules table to compare: a base table (the default ``sharding.RULES``) with some logical names
-    re-mapped, and whether the LLM constrains its residual stream at all (``Qwen2.shard_activations``)."""
+    re-mapped, and whether the LLM constrains its residual stream at all (traced inside
+    ``sharding.use_mesh(mesh, rules)`` or not)."""
 
     name: str
     overrides: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -140,14 +142,15 @@ def _abstract_llm(llm_cfg) -> nnx.Module:
 def compile_decode_step(llm_cfg, mesh, batch: int, cache_len: int, rules: sharding.Rules = sharding.RULES,
                         constrain: bool = True):
     """``jax.jit(step).lower(...).compile()`` of one decode step on ``mesh`` (abstract inputs only); the
-    residual stream is constrained per ``rules`` as ``MiniCPMV.shard`` makes it, unless ``constrain=False``."""
+    residual stream is constrained per ``rules`` (traced in ``sharding.use_mesh(mesh, rules)``, as
+    ``generate``'s programs are), unless ``constrain=False``."""
     abstract = _abstract_llm(llm_cfg)
     graphdef = nnx.graphdef(abstract)
     params = sharding.abstract_with_shardings(abstract, mesh, rules)
-    cache_shardings = sharding.kv_cache_shardings(llm_cfg, mesh, batch=batch, length=cache_len, rules=rules)
-    cache_shape = (batch, cache_len, llm_cfg.num_key_value_heads, llm_cfg.head_dim)
-    cache = jax.tree.map(lambda s: jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16, sharding=s), cache_shardings,
-                         is_leaf=lambda x: isinstance(x, NamedSharding))
+    abstract_cache = jax.eval_shape(lambda: kv_cache.KVCache.zeros(llm_cfg, batch, cache_len))
+    cache_shardings = kv_cache.shardings(abstract_cache, mesh, rules)
+    cache = jax.tree.map(lambda b, s: jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=s), abstract_cache,
+                         cache_shardings)
 
     def batched(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(shape, mesh, rules))
@@ -159,11 +162,12 @@ def compile_decode_step(llm_cfg, mesh, batch: int, cache_len: int, rules: shardi
 
     def step(params, tokens, positions, cache, key_valid, write_index):
         llm = nnx.merge(graphdef, params)
-        if constrain:
-            llm.shard_activations(mesh, rules)
-        logits, cache, key_valid = generate._decode(types.SimpleNamespace(llm=llm), tokens, positions, cache,
-                                                    key_valid, write_index)
-        return logits, sharding.constrain_kv_cache(cache, mesh, rules), key_valid
+        with sharding.use_mesh(mesh if constrain else None, rules):
+            logits, cache, key_valid = generate._decode(types.SimpleNamespace(llm=llm), tokens, positions, cache,
+                                                        key_valid, write_index)
+        with sharding.use_mesh(mesh, rules):       # the written cache keeps its layout in every variant
+            cache = kv_cache.constrain(cache)
+        return logits, cache, key_valid
 
     jitted = jax.jit(step, donate_argnums=(3, 4),
                      out_shardings=(logits_sharding, cache_shardings, key_valid.sharding))

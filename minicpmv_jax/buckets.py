@@ -3,7 +3,7 @@
 Compiled programs see only bucketed shapes, so that varied requests reuse them: a batch of B prompts of
 T tokens runs as ``[bucket(B, 1), bucket(T, MIN_LENGTH)]``, each real row's tokens at the right end of its
 row (left padding, as generation needs), padding rows after the real ones. Used by
-:meth:`minicpmv_jax.model.MiniCPMV.compute_logits` and :func:`minicpmv_jax.chat.prepare_batch`; image
+:meth:`minicpmv_jax.model.MiniCPMVModel.compute_logits` and :func:`minicpmv_jax.generate.prepare_batch`; image
 pieces have their own buckets (:func:`minicpmv_jax.image_inputs.pieces_bucket`).
 """
 

@@ -6,7 +6,7 @@ config implies is consumed by at least one entry and every parameter is filled b
 :func:`open_validated` is the one check of an HF folder against a config (the loader's, the converter's
 and ``minicpmv-jax info``'s): :func:`expected_tensors`, plus :func:`extra_vision_layers` tolerated.
 
-Our path is the NNX state path inside :class:`minicpmv_jax.model.MiniCPMV`, e.g.
+Our path is the NNX state path inside :class:`minicpmv_jax.model.MiniCPMVModel`, e.g.
 ``("llm", "layers", 0, "attn", "q", "kernel")``. A transform maps the checkpoint array (PyTorch layout,
 ``[out, in]`` for a Linear) to ours and back (``inverse``, for exporting).
 """

@@ -26,8 +26,6 @@ import sys
 import warnings
 from typing import Callable, Mapping
 
-from flax import nnx
-
 from . import orbax_checkpoint
 from . import checkpoint_names as names
 from .cli_finetune import add_finetune_parser
@@ -36,7 +34,7 @@ from .config import ConfigError, MiniCPMVConfig, num_parameters
 from .errors import ArgumentError
 from .hf_checkpoint import CheckpointError
 from .version import __version__
-from .model import MiniCPMV
+from .model import abstract_model
 
 
 DESCRIPTION = ("MiniCPM-V 2.6 in JAX: check, convert, chat with and fine-tune checkpoints. --model takes a "
@@ -46,7 +44,7 @@ DESCRIPTION = ("MiniCPM-V 2.6 in JAX: check, convert, chat with and fine-tune ch
 def _info(args: argparse.Namespace) -> int:
     cfg = MiniCPMVConfig.from_pretrained(args.model)
     if orbax_checkpoint.is_converted(args.model):
-        abstract = nnx.eval_shape(lambda: MiniCPMV(cfg, rngs=nnx.Rngs(0)))
+        abstract = abstract_model(cfg)
         stored = orbax_checkpoint.check_params(args.model, abstract)
         dtypes = collections.Counter(str(dtype) for _, dtype in stored.values())
         print(f"checkpoint   {args.model}: converted (Orbax), {len(stored)} arrays, dtypes {dict(dtypes)}: OK")

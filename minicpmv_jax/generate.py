@@ -20,27 +20,39 @@ there); we do not copy that, so a row's answer never depends on the batch it is 
 
 Entry points:
 
-* :func:`generate` — one compiled call: embeddings in, tokens out (non-streaming).
+* :func:`prepare_batch` — a processor batch padded to buckets (power-of-two B and T) on the model's
+  devices, its image pieces encoded through the feature cache (:mod:`minicpmv_jax.feature_cache`).
+* :func:`generate` — one compiled call: a prepared batch and a :class:`GenerationConfig` in, tokens out
+  (non-streaming). The new-token buffer N is bucketed here from ``config.max_new_tokens``.
 * :func:`prefill` / :func:`decode_step` — the same maths split at the token boundary, jitted separately,
   driven from Python for streaming (greedy and sampling); the token sequence is identical.
+
+Every compiled program is traced in the sharding context of the model's mesh and the caller's rules
+(:func:`minicpmv_jax.sharding.context_for`), passed as a static argument.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
-from minicpmv_jax import sharding
-from minicpmv_jax import beam_search, sampling
-from minicpmv_jax.image_inputs import place_features
+from minicpmv_jax import beam_search, kv_cache, sampling, sharding
+from minicpmv_jax.attention import causal_mask
+from minicpmv_jax.buckets import MIN_LENGTH, bucket, pad_left
+from minicpmv_jax.feature_cache import encode_pieces
+from minicpmv_jax.generation_config import GenerationConfig
+from minicpmv_jax.image_inputs import feature_slots, pieces_bucket, place_features
 from minicpmv_jax.kv_cache import KVCache
-from minicpmv_jax.qwen2 import attention_mask, positions_from_mask
+from minicpmv_jax.qwen2 import positions_from_mask
 
-__all__ = ["DecodeState", "GenerationOutput", "generate", "prefill", "decode_step"]
+__all__ = ["PreparedBatch", "prepare_batch", "DecodeState", "GenerationOutput", "generate", "prefill",
+           "decode_step", "sampling_params", "output_length"]
 
 
 @struct.dataclass
@@ -80,6 +92,58 @@ class GenerationOutput:
     lengths: jax.Array
 
 
+# ---------------------------------------------------------------------------------------- prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedBatch:
+    """A processor batch padded to buckets, with image features in place for generation.
+
+    ``ids``/``mask`` ``[B', T']`` (left-padded), ``row_valid [B']`` (False for padding rows),
+    ``features [N, Q, D]`` or None and ``feature_index [B', T']`` (−1 outside image spans) or None;
+    ``batch_size`` is the number of real rows. Built by :func:`prepare_batch`, or by hand from arrays that
+    are already padded (e.g. abstract ones, to trace a program).
+    """
+
+    ids: jax.Array
+    mask: jax.Array
+    row_valid: jax.Array
+    features: jax.Array | None = None
+    feature_index: jax.Array | None = None
+    batch_size: int | None = None
+
+
+def prepare_batch(model, batch: Mapping[str, Any]) -> PreparedBatch:
+    """Pads ``batch`` (the processor's dict) to power-of-two B and T and encodes its image pieces."""
+    ids = np.asarray(batch["input_ids"], np.int32)
+    mask = np.asarray(batch["attention_mask"], bool)
+    b = ids.shape[0]
+    padded = pad_left(ids, mask)
+    bb, bt = padded.ids.shape
+    row_valid = np.arange(bb) < b
+    features = feature_index = None
+    bounds = batch.get("image_bound") or []
+    if any(len(x) for x in bounds):
+        pixel_values = batch["pixel_values"]
+        index, used = feature_slots(bounds, [len(p) for p in pixel_values], (bb, bt), [padded.offset] * b,
+                                    model.config.resampler.num_queries)
+        per_piece = encode_pieces(model, [pixel_values[r][j] for r, j in used])
+        features = _stack(per_piece, pieces_bucket(len(per_piece)), model.mesh)
+        feature_index = model.put(index)
+    return PreparedBatch(model.put(padded.ids), model.put(padded.mask), model.put(row_valid), features,
+                         feature_index, b)
+
+
+def _stack(per_piece: list[jax.Array], size: int, mesh) -> jax.Array:
+    """Per-piece features ``[Q, D]`` → ``[size, Q, D]`` (zero rows after them), replicated on ``mesh``."""
+    pad = size - len(per_piece)
+    stack = lambda xs: jnp.stack(list(xs) + [jnp.zeros_like(xs[0])] * pad)  # noqa: E731
+    if mesh is None:
+        return stack(per_piece)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(stack, out_shardings=replicated)(per_piece)
+
+
 # ---------------------------------------------------------------------------------------- building blocks
 
 
@@ -95,12 +159,11 @@ def _prefill(model, ids, mask, features, feature_index, num_new: int):
     """
     b, t = ids.shape
     llm = model.llm
-    cache = KVCache.zeros(llm.config, b, t + num_new, llm.dtype)
-    if model.mesh is not None:  # created inside jit: say where its shards live (batch / KV heads)
-        cache = sharding.constrain_kv_cache(cache, model.mesh, model.rules)
+    # Created inside jit: say where its shards live (batch / KV heads), in the program's sharding context.
+    cache = kv_cache.constrain(KVCache.zeros(llm.config, b, t + num_new, llm.dtype))
     key_valid = jnp.zeros((b, t + num_new), bool).at[:, :t].set(mask)
     x = _prompt_embeddings(model, ids, features, feature_index)
-    hidden, cache = llm.hidden_states(x, positions_from_mask(mask), attention_mask(key_valid, 0, t), cache, 0)
+    hidden, cache = llm.hidden_states(x, positions_from_mask(mask), causal_mask(key_valid, 0, t), cache, 0)
     logits = llm.logits(hidden[:, -1:])[:, 0]
     return logits, cache, key_valid, jnp.sum(mask, axis=-1, dtype=jnp.int32)
 
@@ -110,7 +173,7 @@ def _decode(model, tokens, positions, cache, key_valid, write_index):
     key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones((key_valid.shape[0], 1), bool),
                                              (0, write_index))
     x = model.llm.embed(tokens[:, None])
-    hidden, cache = model.llm.hidden_states(x, positions[:, None], attention_mask(key_valid, write_index, 1),
+    hidden, cache = model.llm.hidden_states(x, positions[:, None], causal_mask(key_valid, write_index, 1),
                                             cache, write_index)
     return model.llm.logits(hidden)[:, 0], cache, key_valid
 
@@ -153,28 +216,36 @@ def _initial_state(model, ids, mask, features, feature_index, key, num_new: int,
 # ---------------------------------------------------------------------------------------- jitted programs
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "do_sample", "num_new"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "do_sample", "num_new", "context"))
 def _generate(graphdef, params_state, ids, mask, features, feature_index, row_valid, sampling_params,
-              stop_ids, max_new_tokens, key, *, do_sample: bool, num_new: int) -> GenerationOutput:
+              stop_ids, max_new_tokens, key, *, do_sample: bool, num_new: int,
+              context: sharding.ShardingContext) -> GenerationOutput:
     """Greedy or sampling: prefill, then one while_loop until every row stopped or max_new_tokens."""
     model = nnx.merge(graphdef, params_state)
-    state = _initial_state(model, ids, mask, features, feature_index, key, num_new, row_valid)
-    state = jax.lax.while_loop(
-        lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done),
-        lambda s: _advance(model, s, sampling_params, stop_ids, max_new_tokens, do_sample),
-        state)
+    with sharding.use_mesh(context):
+        state = _initial_state(model, ids, mask, features, feature_index, key, num_new, row_valid)
+        state = jax.lax.while_loop(
+            lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done),
+            lambda s: _advance(model, s, sampling_params, stop_ids, max_new_tokens, do_sample),
+            state)
     return GenerationOutput(tokens=state.tokens, lengths=state.lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_beams"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_beams", "context"))
 def _beam_generate(graphdef, params_state, ids, mask, features, feature_index, row_valid, sampling_params,
-                   beam_params, *, num_beams: int) -> GenerationOutput:
+                   beam_params, *, num_beams: int, context: sharding.ShardingContext) -> GenerationOutput:
     """Beam search (HF semantics, :mod:`minicpmv_jax.beam_search`): rows B·W, beam-major per batch row.
 
     The prompt is prefilled once per batch row and its cache copied to the row's W beams; after each
     step the cache and the ``seen`` mask follow their beams (``beam_idx``).
     """
-    model = nnx.merge(graphdef, params_state)
+    with sharding.use_mesh(context):
+        return _beam_search(nnx.merge(graphdef, params_state), ids, mask, features, feature_index, row_valid,
+                            sampling_params, beam_params, num_beams)
+
+
+def _beam_search(model, ids, mask, features, feature_index, row_valid, sampling_params, beam_params,
+                 num_beams: int) -> GenerationOutput:
     b, t = ids.shape
     num_new = beam_params.length_norm.shape[0] - 1
     logits, cache, key_valid, positions = _prefill(model, ids, mask, features, feature_index, num_new)
@@ -200,70 +271,105 @@ def _beam_generate(graphdef, params_state, ids, mask, features, feature_index, r
     return GenerationOutput(tokens=tokens, lengths=lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_new"))
-def _prefill_jit(graphdef, params_state, ids, mask, features, feature_index, row_valid, key, *, num_new: int):
-    model = nnx.merge(graphdef, params_state)
-    return _initial_state(model, ids, mask, features, feature_index, key, num_new, row_valid)
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_new", "context"))
+def _prefill_jit(graphdef, params_state, ids, mask, features, feature_index, row_valid, key, *, num_new: int,
+                 context: sharding.ShardingContext):
+    with sharding.use_mesh(context):
+        return _initial_state(nnx.merge(graphdef, params_state), ids, mask, features, feature_index, key, num_new,
+                              row_valid)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "do_sample"), donate_argnames=("state",))
-def _step_jit(graphdef, params_state, state, sampling_params, stop_ids, max_new_tokens, *, do_sample: bool):
-    model = nnx.merge(graphdef, params_state)
-    return _advance(model, state, sampling_params, stop_ids, max_new_tokens, do_sample)
+@functools.partial(jax.jit, static_argnames=("graphdef", "do_sample", "context"), donate_argnames=("state",))
+def _step_jit(graphdef, params_state, state, sampling_params, stop_ids, max_new_tokens, *, do_sample: bool,
+              context: sharding.ShardingContext):
+    with sharding.use_mesh(context):
+        return _advance(nnx.merge(graphdef, params_state), state, sampling_params, stop_ids, max_new_tokens,
+                        do_sample)
 
 
 # ---------------------------------------------------------------------------------------- public API
 
 
-def generate(model, ids, mask, features, feature_index, row_valid, *, strategy: str, sampling_params: Any,
-             stop_ids, max_new_tokens: int, num_new: int, num_beams: int = 1, length_penalty: float = 1.0,
-             seed: int = 0) -> GenerationOutput:
-    """Generates for a padded batch in one compiled call.
+def output_length(config: GenerationConfig) -> int:
+    """N, the static new-token buffer for ``config``: ``max_new_tokens`` bucketed (so nearby values share
+    a compiled program)."""
+    return bucket(config.max_new_tokens, MIN_LENGTH)
+
+
+@functools.lru_cache(maxsize=64)
+def sampling_params(config: GenerationConfig) -> sampling.SamplingParams:
+    """The array form of ``config``'s logits processing (new values never recompile)."""
+    return sampling.SamplingParams.make(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                                        repetition_penalty=config.repetition_penalty,
+                                        min_new_tokens=config.min_new_tokens)
+
+
+def _check(config: GenerationConfig, num_new: int | None = None) -> int:
+    """Validates the arguments; returns N, the new-token buffer."""
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
+    if num_new is None:
+        return output_length(config)
+    if isinstance(num_new, bool) or not isinstance(num_new, int) or num_new < config.max_new_tokens:
+        raise ValueError(f"num_new={num_new!r} must be an int ≥ config.max_new_tokens={config.max_new_tokens}")
+    return num_new
+
+
+def _one_by_one(config: GenerationConfig) -> None:
+    if config.strategy == "beam":
+        raise ValueError("prefill / decode_step run greedy or sampling; beam search runs in generate()")
+
+
+def generate(model, prompt: PreparedBatch, config: GenerationConfig, stop_ids: Sequence[int], *,
+             num_new: int | None = None) -> GenerationOutput:
+    """Generates for a prepared batch in one compiled call.
 
     Args:
-      model: a :class:`~minicpmv_jax.model.MiniCPMV`.
-      ids, mask: the left-padded prompt ``[B, T]`` (int32, bool); T and B bucketed by the caller.
-      features, feature_index: image features ``[N, Q, D]`` and their slots ``[B, T]`` (−1 elsewhere), or
-        None for a text-only batch.
-      row_valid: [B] bool, False for padding rows (they are done from the start).
-      strategy: ``"greedy"``, ``"sample"`` or ``"beam"``.
-      sampling_params: :class:`minicpmv_jax.sampling.SamplingParams` (repetition penalty and
-        min_new_tokens act in every strategy; temperature / top-k / top-p only when sampling).
+      model: a :class:`~minicpmv_jax.model.MiniCPMVModel`.
+      prompt: the left-padded prompt and its image features (:func:`prepare_batch`).
+      config: the strategy (greedy / sampling / beams, ``config.strategy``) and its settings; the
+        repetition penalty and ``min_new_tokens`` act in every strategy, temperature / top-k / top-p only
+        when sampling.
       stop_ids: token ids that end a row.
-      max_new_tokens: tokens to generate at most (≤ num_new).
-      num_new: N, the static size of the output buffer (bucketed by the caller).
-      num_beams, length_penalty: beam search only.
-      seed: PRNG seed of sampling.
+      num_new: N, the new-token buffer (static; default :func:`output_length`, ``max_new_tokens``
+        bucketed). Give it to share one compiled program between different ``max_new_tokens``.
 
     Returns:
-      Tokens ``[B, N]`` and lengths ``[B]``; row b generated ``tokens[b, :lengths[b]]`` (its stop token last,
-      if it stopped).
+      Tokens ``[B, N]`` and lengths ``[B]``; row b generated ``tokens[b, :lengths[b]]`` (its stop token
+      last, if it stopped).
     """
-    if strategy not in ("greedy", "sample", "beam"):
-        raise ValueError(f"strategy must be 'greedy', 'sample' or 'beam', got {strategy!r}")
-    if not 1 <= max_new_tokens <= num_new:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, num_new={num_new}]")
+    num_new = _check(config, num_new)
     graphdef, params_state = nnx.split(model)
-    if strategy == "beam":
-        beam_params = beam_search.BeamParams.make(max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids),
-                                                  length_penalty=length_penalty, capacity=num_new)
-        return _beam_generate(graphdef, params_state, ids, mask, features, feature_index, row_valid,
-                              sampling_params, beam_params, num_beams=num_beams)
-    return _generate(graphdef, params_state, ids, mask, features, feature_index, row_valid, sampling_params,
-                     jnp.asarray(stop_ids, jnp.int32), jnp.asarray(max_new_tokens, jnp.int32),
-                     jax.random.key(seed), do_sample=strategy == "sample", num_new=num_new)
+    context = sharding.context_for(model.mesh)
+    p = prompt
+    if config.strategy == "beam":
+        beam_params = beam_search.BeamParams.make(max_new_tokens=config.max_new_tokens, stop_ids=tuple(stop_ids),
+                                                  length_penalty=config.length_penalty, capacity=num_new)
+        return _beam_generate(graphdef, params_state, p.ids, p.mask, p.features, p.feature_index, p.row_valid,
+                              sampling_params(config), beam_params, num_beams=config.num_beams, context=context)
+    return _generate(graphdef, params_state, p.ids, p.mask, p.features, p.feature_index, p.row_valid,
+                     sampling_params(config), jnp.asarray(tuple(stop_ids), jnp.int32),
+                     jnp.asarray(config.max_new_tokens, jnp.int32), jax.random.key(config.seed),
+                     do_sample=config.do_sample, num_new=num_new, context=context)
 
 
-def prefill(model, ids, mask, features, feature_index, row_valid, *, num_new: int, seed: int = 0) -> DecodeState:
-    """The prompt into a fresh cache: the state from which :func:`decode_step` produces tokens one by one."""
+def prefill(model, prompt: PreparedBatch, config: GenerationConfig, *, num_new: int | None = None
+            ) -> DecodeState:
+    """The prompt into a fresh cache of T + N slots (N as in :func:`generate`): the state from which
+    :func:`decode_step` produces tokens one by one (greedy or sampling, seeded by ``config.seed``)."""
+    num_new = _check(config, num_new)
+    _one_by_one(config)
     graphdef, params_state = nnx.split(model)
-    return _prefill_jit(graphdef, params_state, ids, mask, features, feature_index, row_valid,
-                        jax.random.key(seed), num_new=num_new)
+    p = prompt
+    return _prefill_jit(graphdef, params_state, p.ids, p.mask, p.features, p.feature_index, p.row_valid,
+                        jax.random.key(config.seed), num_new=num_new, context=sharding.context_for(model.mesh))
 
 
-def decode_step(model, state: DecodeState, *, sampling_params: Any, stop_ids, max_new_tokens: int,
-                do_sample: bool) -> DecodeState:
+def decode_step(model, state: DecodeState, config: GenerationConfig, stop_ids: Sequence[int]) -> DecodeState:
     """One token per row (the same maths as one iteration of :func:`generate`'s loop); ``state`` is donated."""
+    _check(config)
+    _one_by_one(config)
     graphdef, params_state = nnx.split(model)
-    return _step_jit(graphdef, params_state, state, sampling_params, jnp.asarray(stop_ids, jnp.int32),
-                     jnp.asarray(max_new_tokens, jnp.int32), do_sample=do_sample)
+    return _step_jit(graphdef, params_state, state, sampling_params(config), jnp.asarray(tuple(stop_ids), jnp.int32),
+                     jnp.asarray(config.max_new_tokens, jnp.int32), do_sample=config.do_sample,
+                     context=sharding.context_for(model.mesh))

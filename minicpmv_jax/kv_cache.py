@@ -3,7 +3,11 @@
 One buffer pair per layer (per-layer buffers, not one stacked array: on CPU a decode loop over stacked
 layer weights/caches made XLA copy a layer per step, 2.6x slower for Qwen2-0.5B). Slots are positions in the padded
 sequence: a prefill writes slots ``[i, i + T)``, a decode step writes one slot. Which slots hold real
-tokens is the caller's business (``key_valid`` in :func:`minicpmv_jax.qwen2.attention_mask`).
+tokens is the caller's business (``key_valid``, see :mod:`minicpmv_jax.attention`'s causal mask).
+
+On a mesh every buffer follows the logical axes ``CACHE_AXES`` (:func:`minicpmv_jax.sharding.kv_cache_spec`):
+:func:`shardings` gives a cache's ``NamedSharding`` tree, :func:`sharded_zeros` creates one in its shards,
+and :func:`constrain` pins a cache created inside a traced program to the current sharding context.
 """
 
 from __future__ import annotations
@@ -11,6 +15,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from jax.sharding import Mesh
+
+from minicpmv_jax import sharding
 
 from .config import Qwen2Config
 
@@ -44,3 +52,22 @@ def write(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
     zero = jnp.zeros((), jnp.int32)
     return jax.lax.dynamic_update_slice(buffer, update.astype(buffer.dtype),
                                         (zero, jnp.asarray(index, jnp.int32), zero, zero))
+
+
+def shardings(cache: KVCache, mesh: Mesh, rules: sharding.Rules = sharding.RULES) -> KVCache:
+    """A ``KVCache`` of ``NamedSharding`` for ``cache`` (concrete or abstract): its ``in_shardings`` /
+    ``out_shardings`` in a ``jax.jit``."""
+    return jax.tree.map(lambda b: sharding.kv_cache_sharding(b.shape, mesh, rules), cache)
+
+
+def sharded_zeros(cfg: Qwen2Config, batch: int, length: int, mesh: Mesh, dtype=jnp.bfloat16,
+                  rules: sharding.Rules = sharding.RULES) -> KVCache:
+    """A zero cache ``[batch, length, K, H]`` per layer, created directly in its shards (no full copy)."""
+    abstract = jax.eval_shape(lambda: KVCache.zeros(cfg, batch, length, dtype))
+    return jax.jit(lambda: KVCache.zeros(cfg, batch, length, dtype), out_shardings=shardings(abstract, mesh, rules))()
+
+
+def constrain(cache: KVCache) -> KVCache:
+    """Every buffer of a cache created inside a traced program pinned to ``CACHE_AXES`` in the current
+    sharding context (:func:`minicpmv_jax.sharding.constrain`; a no-op without a mesh)."""
+    return jax.tree.map(lambda b: sharding.constrain(b, sharding.CACHE_AXES), cache)

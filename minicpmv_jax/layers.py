@@ -1,4 +1,5 @@
-"""Building blocks shared by the three towers: parameters with logical axes, einsum projections, norms.
+"""Building blocks shared by the three towers: parameters with logical axes, einsum projections, norms,
+and the per-piece CPU schedule of the two image towers.
 
 Shape letters (one glossary for the whole package, used in einsum strings and docstrings):
 
@@ -136,3 +137,18 @@ class LayerNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+
+
+def per_piece_on_cpu(fn, *args):
+    """``fn(*args)`` for a batch of pieces: every leaf of ``args`` and of the result has the piece axis first.
+
+    On CPU the pieces go through ``fn`` one per loop step (``fn`` sees a batch of one), so each piece's
+    activations (5–18 MB for a 1024-patch piece at the SigLIP-so400m width, against 47–176 MB for a batch
+    of 10) stay in cache between the products; this measured ≈ 20 % less CPU time per piece than the
+    batched call (``benchmarks/vision_cpu.py``). Elsewhere one batched call. Chosen at lowering.
+    """
+    def loop(*xs):
+        one = lambda a: jax.tree.map(lambda y: y[0], fn(*jax.tree.map(lambda y: y[None], a)))  # noqa: E731
+        return jax.lax.map(one, xs)
+
+    return jax.lax.platform_dependent(*args, cpu=loop, default=fn)

@@ -1,6 +1,6 @@
 """Per-device memory of the model on a mesh layout, without loading (or even allocating) a single weight.
 
-It lives above the model (it builds :class:`~minicpmv_jax.model.MiniCPMV` abstractly), not in
+It lives above the model (it builds :class:`~minicpmv_jax.model.MiniCPMVModel` abstractly), not in
 :mod:`minicpmv_jax.sharding`, which knows logical axes and rules but no model.
 
 ``plan_memory(cfg, (data, fsdp, tensor), batch=..., max_len=..., dtype=...)`` builds the model with
@@ -37,7 +37,7 @@ from minicpmv_jax.dtypes import as_dtype
 from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.model import abstract_model
 from minicpmv_jax.sharding.mesh import MESH_AXES, abstract_mesh, axis_sizes, mesh_shape, parse_mesh_shape
-from minicpmv_jax.sharding.placement import kv_cache_specs, logical_axes_of
+from minicpmv_jax.sharding.placement import kv_cache_spec, logical_axes_of
 from minicpmv_jax.sharding.rules import (CACHE_AXES, RULES, Rules, check_rules, logical_to_spec,
                                          spec_shard_shape)
 
@@ -202,20 +202,19 @@ def plan_memory(model: Any, mesh: Any = (1, 1, 1), *, batch: int = 1, max_len: i
         acc[1] += total
         acc[2] += piece
         acc[3] += total if piece == total else 0
-    kv_specs = kv_cache_specs(cfg, mesh, batch=batch, length=max_len, rules=rules)
     llm = cfg.llm
-    shape = (batch, max_len, llm.num_key_value_heads, llm.head_dim)
+    shape = (batch, max_len, llm.num_key_value_heads, llm.head_dim)    # one buffer; k and v per layer
+    kv_spec = kv_cache_spec(shape, mesh, rules)
     kv_item = np.dtype(kv_name).itemsize
-    kv_total = kv_piece = 0
-    for spec in (*kv_specs.k, *kv_specs.v):
-        kv_total += math.prod(shape) * kv_item
-        kv_piece += math.prod(spec_shard_shape(shape, spec, mesh)) * kv_item
-    arrays.append((KV_CACHE, CACHE_AXES, shape, kv_specs.k[0]))
+    buffers = 2 * llm.num_hidden_layers
+    kv_total = buffers * math.prod(shape) * kv_item
+    kv_piece = buffers * math.prod(spec_shard_shape(shape, kv_spec, mesh)) * kv_item
+    arrays.append((KV_CACHE, CACHE_AXES, shape, kv_spec))
     names = sorted(towers, key=_tower_order)
     return MemoryPlan(
         mesh_shape=mesh_shape(mesh), dtype=dtype_name, kv_dtype=kv_name, batch=batch, max_len=max_len,
         towers=tuple(TowerMemory(name, *towers[name]) for name in names),
-        kv_cache_bytes=kv_total, kv_cache_bytes_per_device=kv_piece, kv_cache_spec=kv_specs.k[0],
+        kv_cache_bytes=kv_total, kv_cache_bytes_per_device=kv_piece, kv_cache_spec=kv_spec,
         idle_axes=_idle_axes(arrays, [*names, KV_CACHE], mesh, rules))
 
 

@@ -1,9 +1,12 @@
-"""``MiniCPMV``: the whole model, loading from a checkpoint folder and the full forward pass.
+"""``MiniCPMVModel``: the whole model, loading from a checkpoint folder and the full forward pass.
+
+Users hold :class:`minicpmv_jax.MiniCPMV`, this model plus ``chat()`` (defined with chat, in the layer above
+generation: this file imports neither).
 
 The module is a thin holder of the towers' parameters; the compiled programs take its NNX state as
 data and its graph definition as a static argument (small HLO, fast compiles, no recompiles when the
-weights change). :meth:`MiniCPMV.compute_logits` pads a host batch to buckets and runs those programs;
-the computation itself is :meth:`MiniCPMV.forward` (:meth:`~MiniCPMV.hidden_states`, then ``lm_head``),
+weights change). :meth:`MiniCPMVModel.compute_logits` pads a host batch to buckets and runs those programs;
+the computation itself is :meth:`MiniCPMVModel.forward` (:meth:`~MiniCPMVModel.hidden_states`, then ``lm_head``),
 plain traced code that fine-tuning calls inside its own jitted, differentiated step.
 """
 
@@ -20,13 +23,11 @@ from flax import nnx
 
 from minicpmv_jax import sharding
 
-from . import chat as _chat_lib
 from . import checkpoint_names as names
 from . import orbax_checkpoint
 from .buckets import pad_left
 from .config import MiniCPMVConfig
 from .dtypes import as_dtype
-from .generation_config import DEFAULT_MAX_NEW_TOKENS
 from .hf_checkpoint import CheckpointError  # noqa: F401 (re-exported)
 from .host import fetch, put
 from .hub import resolve_model
@@ -36,7 +37,7 @@ from .resampler import Resampler
 from .vision import VisionEncoder
 
 class PackedImages(NamedTuple):
-    """The packed image pieces of one batch, as :meth:`MiniCPMV.forward` reads them (any object with these
+    """The packed image pieces of one batch, as :meth:`MiniCPMVModel.forward` reads them (any object with these
     attributes will do, e.g. fine-tuning's ``ImageArrays``; host packing: ``build_image_inputs``).
 
     Shape letters as in ``layers.py``: N pieces, P patches, C patch channels, Q resampler queries.
@@ -49,8 +50,14 @@ class PackedImages(NamedTuple):
     feature_index: jax.Array  # int32 [B, T] row of the flattened features [N·Q, D] per token slot, or −1
 
 
-class MiniCPMV(nnx.Module):
-    """MiniCPM-V 2.6. Build with :meth:`from_pretrained`; ``MiniCPMV(cfg, rngs=...)`` gives random weights."""
+class MiniCPMVModel(nnx.Module):
+    """MiniCPM-V 2.6: parameters, loading and the forward pass. Build with :meth:`from_pretrained`;
+    ``MiniCPMVModel(cfg, rngs=...)`` gives random weights. :class:`minicpmv_jax.MiniCPMV` adds ``chat``.
+
+    No mesh or rules are stored: the parameters carry their shardings (:attr:`mesh` reads them back), and
+    the compiled programs are traced in a sharding context built from that mesh and the rules of the
+    caller's context (:mod:`minicpmv_jax.sharding.context`).
+    """
 
     def __init__(self, config: MiniCPMVConfig, *, dtype=jnp.bfloat16, param_dtype=None, rngs: nnx.Rngs):
         self.config = config
@@ -60,14 +67,22 @@ class MiniCPMV(nnx.Module):
         self.llm = Qwen2(config.llm, **common)
         self.vpm = VisionEncoder(config, **common)
         self.resampler = Resampler(config.resampler, **common)
-        self.mesh = None  # set by from_pretrained(mesh=...) / shard(): where the parameters live
-        self.rules = sharding.RULES  # ... and the rules that placed them and constrain the activations
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh | None:
+        """The mesh the parameters live on (:meth:`from_pretrained` with ``mesh=``, :meth:`shard`), read from
+        the token embedding's sharding; None on a single device."""
+        value = self.llm.embed_tokens.embedding.get_value()
+        if not isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer):
+            return None          # abstract (eval_shape) or traced: nothing placed to read
+        placed = value.sharding
+        return placed.mesh if isinstance(placed, jax.sharding.NamedSharding) else None
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: Any = "bfloat16", mesh=None, *,
-                        param_dtype: Any = None, rules: sharding.Rules = sharding.RULES) -> "MiniCPMV":
+                        param_dtype: Any = None, rules: sharding.Rules = sharding.RULES) -> "MiniCPMVModel":
         """Loads an HF-format checkpoint folder (single or sharded safetensors) or a folder written by
         ``minicpmv-jax convert`` (an Orbax restore, see :mod:`minicpmv_jax.orbax_checkpoint`).
 
@@ -82,10 +97,10 @@ class MiniCPMV(nnx.Module):
 
         ``mesh`` (a ``jax.sharding.Mesh`` with axes ``data``/``fsdp``/``tensor``, see
         ``sharding.make_mesh``) places every parameter on it as the rules of :mod:`minicpmv_jax.sharding` say, loading
-        each straight into its shards (from an Orbax folder each device reads only its own shards, on
-        every process of a multi-host mesh). ``compute_logits`` and ``chat`` then run sharded, with the
-        LLM's activations constrained by ``rules`` too (default ``sharding.RULES``, the inference layout;
-        see :meth:`shard` for training).
+        each straight into its shards (on every process of a multi-host mesh). ``rules`` (default
+        ``sharding.RULES``) decide the parameters' placement. ``compute_logits`` and ``chat`` then run on that
+        mesh, the LLM's activations constrained by the rules of the caller's sharding context
+        (``sharding.RULES`` unless inside ``with sharding.use_rules(...)``).
         """
         _check_mesh(mesh)
         folder = resolve_model(path)
@@ -98,25 +113,18 @@ class MiniCPMV(nnx.Module):
             ckpt = names.open_validated(folder, config)
             model = names.load_entries(abstract, ckpt.read, names.entries(config, names.TOWERS),
                                        where=ckpt.where, shardings=shardings)
-        model._use_mesh(mesh, rules)
         return model
 
-    def shard(self, mesh, rules: sharding.Rules = sharding.RULES) -> "MiniCPMV":
-        """Moves the parameters onto ``mesh`` per ``rules`` (in place) and returns the model; the compiled
-        programs then constrain the LLM's activations by the same rules.
+    def shard(self, mesh, rules: sharding.Rules = sharding.RULES) -> "MiniCPMVModel":
+        """Moves the parameters onto ``mesh`` per ``rules`` (in place) and returns the model.
 
-        ``sharding.RULES`` (default) keep the weights stationary, right for inference;
-        ``sharding.TRAINING_RULES`` split the batch over fsdp and gather weights (training). They place
-        parameters alike, so ``model.shard(model.mesh, sharding.TRAINING_RULES)`` only switches the layout.
+        Only the parameters move; activations follow the sharding context of each call (default
+        ``sharding.RULES``, weights stationary, right for inference; ``sharding.TRAINING_RULES`` split the
+        batch over fsdp and gather weights). Both tables place parameters alike.
         """
         _check_mesh(mesh, required=True)
         sharding.shard_model(self, mesh, rules)
-        self._use_mesh(mesh, rules)
         return self
-
-    def _use_mesh(self, mesh, rules: sharding.Rules) -> None:
-        self.mesh, self.rules = mesh, sharding.check_rules(rules)
-        self.llm.shard_activations(mesh, self.rules)
 
     # ------------------------------------------------------------------ placement of inputs and outputs
 
@@ -151,7 +159,8 @@ class MiniCPMV(nnx.Module):
             vision = [self.put(a, batch_axis=False) for a in (images.patches, images.pos_ids, images.valid,
                                                               images.tgt_sizes)]
             packed = PackedImages(*vision, self.put(images.feature_index))
-        logits = _logits(graphdef, state, self.put(padded.ids), self.put(padded.mask), packed)
+        logits = _logits(graphdef, state, self.put(padded.ids), self.put(padded.mask), packed,
+                         context=sharding.context_for(self.mesh))
         if not logits.is_fully_addressable:  # multi-host: every process gets the whole result
             return fetch(logits)[:b, offset:]
         return logits[:b, offset:]
@@ -199,8 +208,8 @@ class MiniCPMV(nnx.Module):
         ``input_ids`` int32 ``[B, T]`` and ``attention_mask`` bool ``[B, T]`` are left-padded (positions
         count from each row's first valid token); ``images`` as in :meth:`input_embeddings`. Pure and
         un-jitted: call it under ``jax.jit`` / ``jax.grad`` (fine-tuning computes its loss from these,
-        :mod:`minicpmv_jax.finetune.loss`). Respects ``llm.remat`` and the activation constraints of
-        :meth:`shard`.
+        :mod:`minicpmv_jax.finetune.loss`). Respects ``llm.remat``; the residual stream is constrained per
+        the sharding context it is traced in (``with sharding.use_mesh(mesh, rules):``).
         """
         return self.llm.final_hidden(self.input_embeddings(input_ids, images), attention_mask)
 
@@ -214,47 +223,15 @@ class MiniCPMV(nnx.Module):
         """
         return self.llm.logits(self.hidden_states(input_ids, attention_mask, images))
 
-    # ------------------------------------------------------------------ chat
-
-    def chat(self, image=None, msgs=None, processor=None, sampling: bool = True,
-             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stream: bool = False, system_prompt: str = "",
-             max_slice_nums: int | None = None, use_image_id: bool | None = None,
-             max_inp_length: int = _chat_lib.DEFAULT_MAX_INP_LENGTH, **generation_kwargs):
-        """Answers a conversation (or a batch of them) about images (docs/model.md §8).
-
-        Args:
-          image: a PIL image put before the first message's text (when that content is a string), or None;
-            for a batch, one entry per conversation.
-          msgs: ``[{"role": "user" | "assistant", "content": str | [str | PIL image, ...]}, ...]``, or a list
-            of such conversations (then a list of answers is returned).
-          processor: the checkpoint's :class:`~minicpmv_jax.processor.MiniCPMVProcessor`.
-          sampling: True → top_p 0.8, top_k 100, temperature 0.7, repetition_penalty 1.05;
-            False → beam search, 3 beams, repetition_penalty 1.2 (docs/model.md §7). Keywords override.
-          max_new_tokens: tokens generated at most.
-          stream: return an iterator of text pieces (one conversation; sampling or greedy).
-          system_prompt: prepended as a system message when not empty.
-          max_slice_nums, use_image_id: override the processor's configuration.
-          max_inp_length: the prompt is cut to its first ``max_inp_length`` tokens.
-          **generation_kwargs: ``min_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
-            ``repetition_penalty``, ``num_beams``, ``length_penalty``, ``do_sample``, ``seed`` (same seed →
-            same text). Unknown keywords raise ``TypeError``.
-
-        Returns:
-          The answer (str), a list of answers for a batch, or an iterator of pieces with ``stream=True``.
-        """
-        return _chat_lib.chat(self, image, msgs, processor, sampling=sampling, max_new_tokens=max_new_tokens,
-                    stream=stream, system_prompt=system_prompt, max_slice_nums=max_slice_nums,
-                    use_image_id=use_image_id, max_inp_length=max_inp_length, **generation_kwargs)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _encode(graphdef, state, patches, pos_ids, valid, tgt_sizes):
     return nnx.merge(graphdef, state).encode_images(patches, pos_ids, valid, tgt_sizes)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(graphdef, state, ids, mask, images: PackedImages | None):
-    return nnx.merge(graphdef, state).forward(ids, mask, images)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="context")
+def _logits(graphdef, state, ids, mask, images: PackedImages | None, *, context: sharding.ShardingContext):
+    with sharding.use_mesh(context):
+        return nnx.merge(graphdef, state).forward(ids, mask, images)
 
 
 def _check_mesh(mesh, required: bool = False) -> None:
@@ -265,7 +242,7 @@ def _check_mesh(mesh, required: bool = False) -> None:
 
 
 def abstract_model(config: MiniCPMVConfig, dtype: Any = "bfloat16", param_dtype: Any = None, *,
-                   cls: type[MiniCPMV] = MiniCPMV) -> MiniCPMV:
+                   cls: type[MiniCPMVModel] = MiniCPMVModel) -> MiniCPMVModel:
     """The model as shapes, dtypes and logical axes only (``nnx.eval_shape``: nothing allocated).
 
     The RNG streams are created as array refs (``nnx.var_defaults(ref=True)``; the parameters are not):
@@ -273,7 +250,7 @@ def abstract_model(config: MiniCPMVConfig, dtype: Any = "bfloat16", param_dtype:
     builds that attribute error's message by scanning the whole trace, so building the 8B model took ~9 s
     (quadratic in the number of parameters) instead of ~1.4 s.
     """
-    def build() -> MiniCPMV:
+    def build() -> MiniCPMVModel:
         with nnx.var_defaults(ref=True):
             rngs = nnx.Rngs(0)
         return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -9,7 +9,7 @@ Layout of a converted folder::
       vocab.json, merges.txt, ...   copied unchanged from the HF folder
       params/                 an Orbax checkpoint (OCDBT, uncompressed) of the parameter tree (:data:`PARAMS_DIR`)
 
-The parameter tree holds exactly the parameters of :class:`minicpmv_jax.model.MiniCPMV`, already in our
+The parameter tree holds exactly the parameters of :class:`minicpmv_jax.model.MiniCPMVModel`, already in our
 layout (transposed, split into heads: the name table's transforms applied), as nested dicts keyed by the
 NNX path components spelled as strings: ``params["llm"]["layers"]["0"]["attn"]["q"]["kernel"]``. Loading
 is therefore a plain Orbax restore into a tree of ``jax.ShapeDtypeStruct`` that carry each parameter's

@@ -160,7 +160,7 @@ class MiniCPMVProcessor:
         """Loads the tokenizer from the checkpoint folder ``path`` and its ``preprocessor_config.json`` if
         present (defaults of :class:`PreprocessorConfig` otherwise).
 
-        ``path`` is what :meth:`MiniCPMV.from_pretrained <minicpmv_jax.model.MiniCPMV.from_pretrained>`
+        ``path`` is what :meth:`MiniCPMV.from_pretrained <minicpmv_jax.model.MiniCPMVModel.from_pretrained>`
         takes: a folder (``~`` expanded), ``"demo"`` or a Hub id."""
         path = resolve_model(path, weights=False)  # a Hub id: its config and tokenizer files only
         tokenizer = MiniCPMVTokenizer.from_pretrained(path)

@@ -13,28 +13,25 @@ Parameter layout (the checkpoint transforms live in :mod:`minicpmv_jax.checkpoin
     layers[i].input_norm / post_attn_norm / norm  [D]  ('norm',)
     lm_head                 [D, V]     ('embed', 'vocab')
 
-Activations: on a mesh (:meth:`Qwen2.shard_activations`, called by ``MiniCPMV.shard`` / ``from_pretrained``)
-the residual stream ``[B, T, D]`` is constrained to ``sharding.RESIDUAL_AXES`` after the embedding and after
-every layer; which layout that is (weights stationary for inference, gathered for training) is the rules
-table's choice, see :mod:`minicpmv_jax.sharding.rules`.
+Activations: the residual stream ``[B, T, D]`` is constrained to ``sharding.RESIDUAL_AXES`` after the
+embedding and after every layer, in the sharding context the program is traced in
+(:mod:`minicpmv_jax.sharding.context`; no constraint without a mesh). The tower names the axes; which
+layout that is (weights stationary for inference, gathered for training) is the rules table's choice,
+see :mod:`minicpmv_jax.sharding.rules`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from einops import rearrange
 from flax import nnx
-from jax.sharding import Mesh
 
 from minicpmv_jax import sharding
 
 from . import kv_cache as kvc
+from .attention import attention, causal_mask
 from .config import Qwen2Config
 from .layers import Einsum, RMSNorm, normal, param
-
-_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 
 # --------------------------------------------------------------------------- pure maths
 
@@ -43,13 +40,6 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position ids ``[B, T]`` for a left-padded batch: cumsum(mask) − 1, padded slots get 1 (HF)."""
     mask = attention_mask.astype(jnp.int32)
     return jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 1)
-
-
-def attention_mask(key_valid: jax.Array, write_index: jax.Array, num_queries: int) -> jax.Array:
-    """Causal mask ``[B, T, S]``: query t (at slot write_index + t) sees valid slots s ≤ its own."""
-    s = jnp.arange(key_valid.shape[-1])[None, :]
-    q = jnp.asarray(write_index, jnp.int32) + jnp.arange(num_queries)[:, None]
-    return (s <= q)[None] & key_valid[:, None, :].astype(bool)
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
@@ -66,28 +56,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     x1, x2 = x[..., : h // 2], x[..., h // 2:]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return x * cos + rotated * sin
-
-
-def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention, softmax in float32.
-
-    q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] (True = may attend) → [B, T, N, H].
-    Query head n uses K/V head n // G. Fully masked rows (left padding) give finite garbage.
-
-    The queries are laid out ``[B, K, G, T, H]`` before the products (and the result comes back from
-    ``[B, K, G, T, H]``), so that every product, forward and backward, runs on ``(G, T)`` as one row axis
-    of the ``[B, K, G·T, S]`` logits: with the queries left ``[B, T, K, G, H]`` XLA transposed the
-    logit-sized tensors (``[B, K, T, G, S]`` and ``[B, K, S, T, G]`` copies) in the backward pass and
-    the probabilities in the forward instead of the query-sized ones (on CPU at ``benchmarks/train_cpu.py``'s
-    shapes, 2 cores: forward + backward 22.5 → 17.5 ms, forward alone 12.4 → 7.3 ms).
-    """
-    h = q.shape[-1]
-    qg = rearrange(q, "B T (K G) H -> B K G T H", K=k.shape[2])
-    logits = jnp.einsum("BKGTH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * (h ** -0.5)
-    logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BKGTH", probs, v)
-    return rearrange(out, "B K G T H -> B T (K G) H")
 
 
 # --------------------------------------------------------------------------- modules
@@ -114,7 +82,7 @@ class Attention(nnx.Module):
         if cache_kv is not None:
             k = kvc.write(cache_kv[0], k, write_index)
             v = kvc.write(cache_kv[1], v, write_index)
-        y = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        y = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         return self.o(y), (k, v)
 
 
@@ -171,26 +139,6 @@ class Qwen2(nnx.Module):
         # Rematerialise each decoder layer in the backward pass (training; only without a cache): the
         # forward keeps one [B, T, D] residual per layer instead of every intermediate.
         self.remat = False
-        # Where the residual stream is constrained (shard_activations); None: nowhere (one device, or
-        # XLA's own choice).
-        self.mesh: Mesh | None = None
-        self.rules: sharding.Rules = sharding.RULES
-
-    def shard_activations(self, mesh: Mesh | None, rules: sharding.Rules = sharding.RULES) -> None:
-        """From the next trace on, constrains the residual stream on ``mesh`` per ``rules``
-        (``sharding.RULES`` for inference, ``sharding.TRAINING_RULES`` for training); ``None``: no
-        constraints. Parameters are not moved (``sharding.shard_model`` / ``MiniCPMV.shard`` do that)."""
-        if mesh is not None and not isinstance(mesh, Mesh):
-            raise TypeError(f"Qwen2.shard_activations: mesh must be a jax.sharding.Mesh or None, got "
-                            f"{type(mesh).__name__}")
-        self.mesh = mesh
-        self.rules = sharding.check_rules(rules)
-
-    def constrain_residual(self, x: jax.Array) -> jax.Array:
-        """The residual stream ``x [B, T, D]`` pinned to ``sharding.RESIDUAL_AXES`` (x itself without a mesh)."""
-        if self.mesh is None:
-            return x
-        return sharding.constrain(x, sharding.RESIDUAL_AXES, self.mesh, self.rules)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.embed_tokens(ids)
@@ -204,7 +152,7 @@ class Qwen2(nnx.Module):
         length); the cache, if given, is written at slots [write_index, write_index + T).
         Returns (hidden [B, T, D], updated cache or None).
         """
-        x = self.constrain_residual(x.astype(self.dtype))
+        x = _constrain_residual(x.astype(self.dtype))
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             if self.remat and cache is None:
@@ -214,7 +162,7 @@ class Qwen2(nnx.Module):
                 x, (k, v) = layer(x, positions, mask, kv, write_index)
                 new_k.append(k)
                 new_v.append(v)
-            x = self.constrain_residual(x)   # every layer: the embedding's layout alone does not hold
+            x = _constrain_residual(x)   # every layer: the embedding's layout alone does not hold
         x = self.norm(x)
         new_cache = kvc.KVCache(k=tuple(new_k), v=tuple(new_v)) if cache is not None else None
         return x, new_cache
@@ -228,13 +176,19 @@ class Qwen2(nnx.Module):
         hidden states [B, T, D] (after the last norm, before ``lm_head``). The multimodal model enters here
         with image features already in place."""
         positions = positions_from_mask(attention_mask_bt)
-        mask = attention_mask(attention_mask_bt, 0, x.shape[1])
+        mask = causal_mask(attention_mask_bt, 0, x.shape[1])
         hidden, _ = self.hidden_states(x, positions, mask)
         return hidden
 
     def __call__(self, ids: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
         """Full forward without a cache: ids [B, T], left-padded mask [B, T] → float32 logits [B, T, V]."""
         return self.logits(self.final_hidden(self.embed(ids), attention_mask_bt))
+
+
+def _constrain_residual(x: jax.Array) -> jax.Array:
+    """The residual stream ``x [B, T, D]`` pinned to ``sharding.RESIDUAL_AXES`` in the current sharding
+    context (x itself without a mesh)."""
+    return sharding.constrain(x, sharding.RESIDUAL_AXES)
 
 
 @nnx.remat

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minicpmv_jax.attention import attention, key_mask
 from minicpmv_jax.config import ResamplerConfig
-from minicpmv_jax.layers import Einsum, LayerNorm, fan_in_normal, normal, param
-from minicpmv_jax.vision import masked_attention, per_piece_on_cpu
+from minicpmv_jax.layers import Einsum, LayerNorm, fan_in_normal, normal, param, per_piece_on_cpu
 
 __all__ = [
     "sincos_2d",
@@ -106,6 +106,6 @@ class Resampler(nnx.Module):
         kv = self.ln_kv(self.kv_proj(x))                                        # [B, P, D]
         pos = sincos_2d(rows, cols, self.config.embed_dim).astype(kv.dtype)     # [B, P, D]
         q = jnp.broadcast_to(q[None], (batch, *q.shape))                        # [B, Q, N, H]
-        out = masked_attention(q, self.k(kv + pos), self.v(kv), valid, self.scale)
+        out = attention(q, self.k(kv + pos), self.v(kv), key_mask(valid), scale=self.scale, loop_heads_on_cpu=True)
         out = self.ln_post(self.o(out))                                         # [B, Q, D]
         return out @ self.proj[...].astype(self.dtype)                          # x @ proj, not transposed

@@ -12,19 +12,15 @@ Checkpoint names and transforms: :mod:`minicpmv_jax.checkpoint_names` (tower ``v
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-from einops import rearrange
 from flax import nnx
 
+from minicpmv_jax.attention import attention, key_mask
 from minicpmv_jax.config import MiniCPMVConfig, VisionConfig
-from minicpmv_jax.layers import Einsum, LayerNorm, normal, param
+from minicpmv_jax.layers import Einsum, LayerNorm, normal, param, per_piece_on_cpu
 
 __all__ = [
-    "masked_attention",
-    "per_piece_on_cpu",
     "gelu_tanh",
     "VisionAttention",
     "VisionMlp",
@@ -32,72 +28,8 @@ __all__ = [
     "VisionEncoder",
 ]
 
-# Logit of a masked key. Finite so that a row whose keys are all masked (an empty padding piece) gives a
-# uniform softmax instead of NaN.
-_MASKED_LOGIT = -1e30
-
 
 # ---------------------------------------------------------------------------------------------- maths
-
-
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None,
-                     scale: float) -> jax.Array:
-    """Softmax attention, logits and softmax in float32.
-
-    ``q [B, T, N, H]``, ``k, v [B, S, N, H]``, ``key_valid [B, S]`` bool (None: all keys valid)
-    → ``[B, T, N, H]`` in v's dtype.
-
-    The maths is :func:`_attend` for every (piece, head). How it is scheduled depends on the platform
-    (chosen at lowering): on CPU one (piece, head) at a time, so the ``[T, S]`` logits of one head (4 MB
-    for a 1024-patch piece) stay in cache through the softmax and the second product; materialising all
-    of them (``[B, N, T, S]``, 671 MB for 10 pieces) made attention 2–3× slower there
-    (``benchmarks/vision_cpu.py``). Elsewhere all heads of all pieces in one batched product.
-    """
-    return jax.lax.platform_dependent(q, k, v, key_valid, cpu=functools.partial(_attention_per_head, scale=scale),
-                                      default=functools.partial(_attention_batched, scale=scale))
-
-
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None, scale: float) -> jax.Array:
-    """One head of one piece: ``q [T, H]``, ``k, v [S, H]``, ``key_valid [S]`` or None → ``[T, H]``."""
-    logits = jnp.einsum("TH,SH->TS", q, k, preferred_element_type=jnp.float32) * scale
-    if key_valid is not None:
-        logits = jnp.where(key_valid[None, :], logits, _MASKED_LOGIT)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("TS,SH->TH", probs, v)
-
-
-def _attention_batched(q, k, v, key_valid, scale):
-    """All (piece, head) pairs in one batched product: ``_attend`` vmapped over N, then B."""
-    per_head = jax.vmap(_attend, in_axes=(1, 1, 1, None, None), out_axes=1)              # over N
-    return jax.vmap(per_head, in_axes=(0, 0, 0, None if key_valid is None else 0, None))(
-        q, k, v, key_valid, scale)                                                        # over B
-
-
-def _attention_per_head(q, k, v, key_valid, scale):
-    """One (piece, head) pair per step of a loop over the B·N pairs."""
-    b, _, n, _ = q.shape
-
-    def heads(x):  # q [B, T, N, H] → [B·N, T, H]; k, v the same with S for T
-        return rearrange(x, "B T N H -> (B N) T H")
-
-    valid = None if key_valid is None else jnp.repeat(key_valid, n, axis=0)              # [B·N, S]
-    out = jax.lax.map(lambda a: _attend(*a, scale), (heads(q), heads(k), heads(v), valid))
-    return rearrange(out, "(B N) T H -> B T N H", B=b)
-
-
-def per_piece_on_cpu(fn, *args):
-    """``fn(*args)`` for a batch of pieces: every leaf of ``args`` and of the result has the piece axis first.
-
-    On CPU the pieces go through ``fn`` one per loop step (``fn`` sees a batch of one), so each piece's
-    activations (5–18 MB for a 1024-patch piece at the SigLIP-so400m width, against 47–176 MB for a batch
-    of 10) stay in cache between the products; this measured ≈ 20 % less CPU time per piece than the
-    batched call (``benchmarks/vision_cpu.py``). Elsewhere one batched call. Chosen at lowering.
-    """
-    def loop(*xs):
-        one = lambda a: jax.tree.map(lambda y: y[0], fn(*jax.tree.map(lambda y: y[None], a)))  # noqa: E731
-        return jax.lax.map(one, xs)
-
-    return jax.lax.platform_dependent(*args, cpu=loop, default=fn)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
@@ -128,7 +60,7 @@ class VisionAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, valid: jax.Array | None) -> jax.Array:
         """``x [B, P, D]``, ``valid [B, P]`` (keys to attend to) → ``[B, P, D]``."""
-        out = masked_attention(self.q(x), self.k(x), self.v(x), valid, self.scale)
+        out = attention(self.q(x), self.k(x), self.v(x), key_mask(valid), scale=self.scale, loop_heads_on_cpu=True)
         return self.o(out)
 
 

@@ -10,26 +10,32 @@ package is the only place that maps them to mesh axes. The modules:
   where it divides the dimension; the fallbacks (``head_dim`` when heads do not divide, ``embed`` when the
   vocabulary does not), the residual-stream layouts and their decode cost are documented there.
 * :mod:`minicpmv_jax.sharding.placement` — specs / shardings / sharded abstract trees for the parameters,
-  :func:`shard_model`, the batch and KV-cache shardings, and :func:`constrain` for activations.
+  :func:`shard_model`, the batch and KV-cache-buffer shardings (from shapes), and :func:`constrain` for
+  activations.
+* :mod:`minicpmv_jax.sharding.context` — the mesh and rules that constrain activations while a program is
+  traced (:func:`use_mesh`, :func:`use_rules`): context, never state on a model.
 
-The memory plan of the model on a mesh (it needs the model, which this package does not know) is
-:mod:`minicpmv_jax.memory_plan`.
+The package knows no model: the memory plan of the model on a mesh is :mod:`minicpmv_jax.memory_plan`,
+and the KV cache's own helpers (a zero cache created in its shards, the cache constrained inside jit) are
+in :mod:`minicpmv_jax.kv_cache`.
 
 Typical use::
 
     mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
-    model = MiniCPMV.from_pretrained(path, mesh=mesh)   # into shards; activations constrained per RULES
-    model.shard(mesh, sharding.TRAINING_RULES)          # training: other activation layout, params stay put
-    model = sharding.shard_model(model, mesh)           # a bare module: parameters only, no constraints
+    model = MiniCPMV.from_pretrained(path, mesh=mesh)   # into shards; chat / compute_logits run there
+    with sharding.use_rules(sharding.TRAINING_RULES):   # another activation layout, parameters stay put
+        logits = model.compute_logits(batch)
+    model = sharding.shard_model(model, mesh)           # a bare module: its parameters onto the mesh
     shardings = sharding.flat_param_shardings(abstract_model, mesh)  # -> load_entries / restore_params
-    cache = sharding.sharded_kv_cache(cfg, batch, max_len, mesh)
-    step = jax.jit(fn, in_shardings=(..., sharding.kv_cache_shardings(cache, mesh)), ...)
+    with sharding.use_mesh(mesh):                       # your own program: residual constraints on
+        y = jax.jit(fn)(...)
 """
 
 from .mesh import MESH_AXES, abstract_mesh, axis_sizes, make_mesh, mesh_shape, parse_mesh_shape
-from .placement import (abstract_with_shardings, batch_sharding, batch_spec, constrain, constrain_kv_cache,
-                        flat_param_shardings, kv_cache_shardings, kv_cache_specs, logical_axes_of,
-                        param_shardings, param_specs, shard_batch, shard_model, sharded_kv_cache)
+from .context import ShardingContext, context_for, current_context, use_mesh, use_rules
+from .placement import (abstract_with_shardings, batch_sharding, batch_spec, constrain, flat_param_shardings,
+                        kv_cache_sharding, kv_cache_spec, logical_axes_of, param_shardings, param_specs,
+                        shard_batch, shard_model)
 from .rules import (ACTIVATION_AXES, CACHE_AXES, LOGICAL_AXES, RESIDUAL_AXES, RULES, TRAINING_RULES, Rules,
                     check_rules, logical_to_spec, num_shards, override_rules, shards_per_dim, spec_shard_shape)
 
@@ -41,6 +47,8 @@ __all__ = [
     "check_rules", "override_rules", "logical_to_spec", "shards_per_dim", "num_shards", "spec_shard_shape",
     # placement
     "logical_axes_of", "param_specs", "param_shardings", "flat_param_shardings", "abstract_with_shardings",
-    "shard_model", "batch_spec", "batch_sharding", "shard_batch", "kv_cache_specs", "kv_cache_shardings",
-    "sharded_kv_cache", "constrain", "constrain_kv_cache",
+    "shard_model", "batch_spec", "batch_sharding", "shard_batch", "kv_cache_spec", "kv_cache_sharding",
+    "constrain",
+    # context
+    "ShardingContext", "use_mesh", "use_rules", "current_context", "context_for",
 ]

@@ -18,19 +18,17 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from minicpmv_jax.kv_cache import KVCache
-
+from .context import current_context
 from .rules import CACHE_AXES, RULES, Rules, logical_to_spec
 
 __all__ = [
     "logical_axes_of", "param_specs", "param_shardings", "flat_param_shardings", "abstract_with_shardings",
-    "shard_model", "batch_spec", "batch_sharding", "shard_batch", "kv_cache_specs", "kv_cache_shardings",
-    "sharded_kv_cache", "constrain", "constrain_kv_cache",
+    "shard_model", "batch_spec", "batch_sharding", "shard_batch", "kv_cache_spec", "kv_cache_sharding",
+    "constrain",
 ]
 
 Path = tuple[str | int, ...]
@@ -168,81 +166,44 @@ def shard_batch(tree: Any, mesh: Mesh, rules: Rules = RULES) -> Any:
 # --------------------------------------------------------------------------- KV cache
 
 
-def _llm_config(cfg):
-    return getattr(cfg, "llm", cfg)   # MiniCPMVConfig → its Qwen2Config
+def kv_cache_spec(shape: Sequence[int], mesh, rules: Rules = RULES) -> PartitionSpec:
+    """Spec of one KV-cache buffer of ``shape`` ``[B, S, K, H]`` (logical :data:`CACHE_AXES`).
 
-
-def _cache_shape(cache_or_cfg, batch, length) -> tuple[Any, list[tuple[int, ...]], list[tuple[int, ...]]]:
-    if hasattr(cache_or_cfg, "k") and hasattr(cache_or_cfg, "v"):
-        cache = cache_or_cfg
-        return cache, [tuple(x.shape) for x in cache.k], [tuple(x.shape) for x in cache.v]
-    cfg = _llm_config(cache_or_cfg)
-    if batch is None or length is None:
-        raise ValueError("kv cache shardings from a config need batch= and length=")
-    shape = (int(batch), int(length), cfg.num_key_value_heads, cfg.head_dim)
-    return None, [shape] * cfg.num_hidden_layers, [shape] * cfg.num_hidden_layers
-
-
-def kv_cache_specs(cache_or_cfg, mesh, *, batch: int | None = None, length: int | None = None,
-                   rules: Rules = RULES):
-    """A ``KVCache`` of ``PartitionSpec`` (one per buffer ``[B, S, K, H]``, logical :data:`CACHE_AXES`).
-
-    ``cache_or_cfg``: a ``KVCache`` (concrete or abstract), or a ``Qwen2Config`` / ``MiniCPMVConfig`` with
-    ``batch`` and ``length``. Default rules: B over data (+ fsdp) where it divides, K over tensor when
-    it divides, else H over tensor (the k/v projections' layout), S replicated.
+    Default rules: B over data (+ fsdp) where it divides, K over tensor when it divides, else H over
+    tensor (the k/v projections' layout), S replicated. Map it over a cache's buffers, e.g.
+    ``jax.tree.map(lambda b: kv_cache_spec(b.shape, mesh), cache)``; ``minicpmv_jax.kv_cache`` does.
     """
-    cache, k_shapes, v_shapes = _cache_shape(cache_or_cfg, batch, length)
-    k = tuple(logical_to_spec(CACHE_AXES, s, mesh, rules) for s in k_shapes)
-    v = tuple(logical_to_spec(CACHE_AXES, s, mesh, rules) for s in v_shapes)
-    if cache is not None:
-        return cache.replace(k=k, v=v)
-    return KVCache(k=k, v=v)
+    shape = tuple(shape)
+    if len(shape) != len(CACHE_AXES):
+        raise ValueError(f"a KV-cache buffer is [B, S, K, H], got shape {list(shape)}")
+    return logical_to_spec(CACHE_AXES, shape, mesh, rules)
 
 
-def kv_cache_shardings(cache_or_cfg, mesh: Mesh, *, batch: int | None = None, length: int | None = None,
-                       rules: Rules = RULES):
-    """A ``KVCache`` of ``NamedSharding``: pass it as the cache's ``in_shardings`` / ``out_shardings``."""
-    specs = kv_cache_specs(cache_or_cfg, mesh, batch=batch, length=length, rules=rules)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def sharded_kv_cache(cfg, batch: int, length: int, mesh: Mesh, dtype=jnp.bfloat16, rules: Rules = RULES):
-    """A zero ``KVCache`` created directly in its shards (no full copy on one device)."""
-    llm = _llm_config(cfg)
-    shardings = kv_cache_shardings(llm, mesh, batch=batch, length=length, rules=rules)
-    return jax.jit(lambda: KVCache.zeros(llm, batch, length, dtype), out_shardings=shardings)()
+def kv_cache_sharding(shape: Sequence[int], mesh: Mesh, rules: Rules = RULES) -> NamedSharding:
+    """``NamedSharding`` of one KV-cache buffer ``[B, S, K, H]`` (see :func:`kv_cache_spec`)."""
+    return NamedSharding(mesh, kv_cache_spec(shape, mesh, rules))
 
 
 # --------------------------------------------------------------------------- activations
 
 
-def _current_mesh(mesh):
-    """The mesh to constrain against: the given one, else the ``jax.set_mesh`` context, else None."""
-    if mesh is not None:
-        return mesh
-    context = jax.sharding.get_abstract_mesh()
-    return None if context.empty else context
-
-
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | None = None,
-              rules: Rules = RULES) -> jax.Array:
+              rules: Rules | None = None) -> jax.Array:
     """``with_sharding_constraint`` of activation ``x`` by logical names, e.g. the LLM's residual stream
-    ``constrain(h, RESIDUAL_AXES, mesh, rules)`` with ``RESIDUAL_AXES = ("act_batch", "length", "act_embed")``.
+    ``constrain(h, RESIDUAL_AXES)`` with ``RESIDUAL_AXES = ("act_batch", "length", "act_embed")``.
 
-    Uses ``mesh`` if given, else the mesh set by ``with jax.set_mesh(mesh):``; a no-op without either
-    (single-device code runs unchanged). Splits follow the same divisibility rule as parameters.
+    ``mesh`` and ``rules`` default to the sharding context the caller is traced in
+    (:func:`minicpmv_jax.sharding.use_mesh`); without a mesh there, the mesh of ``jax.set_mesh``; a no-op
+    without either (single-device code runs unchanged). Splits follow the same divisibility rule as
+    parameters.
     """
-    mesh = _current_mesh(mesh)
+    context = current_context()
+    mesh = mesh if mesh is not None else context.mesh
+    if mesh is None:
+        abstract = jax.sharding.get_abstract_mesh()
+        mesh = None if abstract.empty else abstract
     if mesh is None:
         return x
-    spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
+    spec = logical_to_spec(logical_axes, x.shape, mesh, context.rules if rules is None else rules)
     target = NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec
     return jax.lax.with_sharding_constraint(x, target)
-
-
-def constrain_kv_cache(cache, mesh: Mesh | None = None, rules: Rules = RULES):
-    """:func:`constrain` on every buffer of a ``KVCache`` created inside jit (a no-op without a mesh)."""
-    if _current_mesh(mesh) is None:
-        return cache
-    return cache.replace(k=tuple(constrain(b, CACHE_AXES, mesh, rules) for b in cache.k),
-                         v=tuple(constrain(b, CACHE_AXES, mesh, rules) for b in cache.v))

@@ -8,7 +8,8 @@ import pytest
 from helpers import noise_image
 from minicpmv_jax import chat as chat_lib
 from minicpmv_jax import generate as gen
-from minicpmv_jax import sampling
+from minicpmv_jax.conversation import conversation_prompt
+from minicpmv_jax.feature_cache import feature_cache_stats
 from minicpmv_jax.generation_config import GenerationConfig
 from minicpmv_jax.processor import IMAGE_TAG
 
@@ -32,7 +33,7 @@ def test_prompt_from_messages(tiny_processor, img):
     other = noise_image(1, 50, 50)
     msgs = [user(img, "What is it?"), {"role": "assistant", "content": "A cat."},
             user("And this?", other, "Compare.")]
-    text, images = chat_lib.conversation_prompt(msgs, None, tok, system_prompt="Be brief.")
+    text, images = conversation_prompt(msgs, None, tok, system_prompt="Be brief.")
     assert images == [img, other]
     assert text == tok.apply_chat_template([
         {"role": "system", "content": "Be brief."},
@@ -40,7 +41,7 @@ def test_prompt_from_messages(tiny_processor, img):
         {"role": "assistant", "content": "A cat."},
         {"role": "user", "content": "And this?\n" + IMAGE_TAG + "\nCompare."}], add_generation_prompt=True)
     # image= goes before the first message's text when that content is a string (the reference's rule).
-    text2, images2 = chat_lib.conversation_prompt([user("What is it?")], img, tok)
+    text2, images2 = conversation_prompt([user("What is it?")], img, tok)
     assert images2 == [img] and IMAGE_TAG + "\nWhat is it?" in text2
     assert "Be brief" not in text2
 
@@ -65,11 +66,9 @@ def test_greedy_answer_is_the_decoded_generation(tiny_model, tiny_processor, img
     msgs = [user(img, "What is this?")]
     answer = tiny_model.chat(msgs=msgs, processor=tiny_processor, sampling=False, num_beams=1, repetition_penalty=1.0,
                         max_new_tokens=N)
-    text, images = chat_lib.conversation_prompt(msgs, None, tiny_processor.tokenizer)
-    prepared = chat_lib.prepare_batch(tiny_model, tiny_processor([text], [images]))
-    out = gen.generate(tiny_model, prepared.ids, prepared.mask, prepared.features, prepared.feature_index,
-                       prepared.row_valid, strategy="greedy", sampling_params=sampling.SamplingParams.make(),
-                       stop_ids=tiny_processor.tokenizer.stop_ids, max_new_tokens=N, num_new=16)
+    text, images = conversation_prompt(msgs, None, tiny_processor.tokenizer)
+    prepared = gen.prepare_batch(tiny_model, tiny_processor([text], [images]))
+    out = gen.generate(tiny_model, prepared, GenerationConfig(max_new_tokens=N), tiny_processor.tokenizer.stop_ids)
     ids = np.asarray(out.tokens)[0, :int(out.lengths[0])].tolist()
     assert answer == tiny_processor.tokenizer.decode(chat_lib.answer_ids(ids, len(ids), tiny_processor.tokenizer.stop_ids)).strip()
     assert answer
@@ -136,11 +135,11 @@ def test_stop_and_max_new_tokens(tiny_model, tiny_processor):
     """With min_new_tokens = max_new_tokens, the answer is exactly max_new_tokens tokens long."""
     msgs = [user("Count.")]
     config = dict(sampling=False, num_beams=1, max_new_tokens=5, min_new_tokens=5)
-    text, _ = chat_lib.conversation_prompt(msgs, None, tiny_processor.tokenizer)
-    prepared = chat_lib.prepare_batch(tiny_model, tiny_processor([text]))
-    out = gen.generate(tiny_model, prepared.ids, prepared.mask, None, None, prepared.row_valid, strategy="greedy",
-                       sampling_params=sampling.SamplingParams.make(min_new_tokens=5),
-                       stop_ids=tiny_processor.tokenizer.stop_ids, max_new_tokens=5, num_new=16)
+    text, _ = conversation_prompt(msgs, None, tiny_processor.tokenizer)
+    prepared = gen.prepare_batch(tiny_model, tiny_processor([text]))
+    assert prepared.features is None
+    out = gen.generate(tiny_model, prepared, GenerationConfig(max_new_tokens=5, min_new_tokens=5),
+                       tiny_processor.tokenizer.stop_ids)
     assert int(out.lengths[0]) == 5
     answer = tiny_model.chat(msgs=msgs, processor=tiny_processor, **config)
     ids = np.asarray(out.tokens)[0, :5].tolist()
@@ -149,7 +148,7 @@ def test_stop_and_max_new_tokens(tiny_model, tiny_processor):
 
 def test_follow_up_reuses_vision_features(tiny_model, tiny_processor):
     image = noise_image(21, 640, 480)
-    stats = chat_lib.feature_cache_stats(tiny_model)
+    stats = feature_cache_stats(tiny_model)
     first = [user(image, "What is this?")]
     answer = tiny_model.chat(msgs=first, processor=tiny_processor, sampling=False, max_new_tokens=4, max_slice_nums=4)
     misses = stats.misses

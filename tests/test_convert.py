@@ -26,7 +26,7 @@ from minicpmv_jax import orbax_checkpoint as ock
 from minicpmv_jax.cli import main
 from minicpmv_jax.config import ConfigError, MiniCPMVConfig
 from minicpmv_jax.hf_checkpoint import CheckpointError
-from minicpmv_jax.model import MiniCPMV
+from minicpmv_jax import MiniCPMV
 from minicpmv_jax.processor import MiniCPMVProcessor
 from minicpmv_jax.testing.checkpoint import write_checkpoint
 

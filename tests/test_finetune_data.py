@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import noise_image
-from minicpmv_jax.chat import conversation_prompt
+from minicpmv_jax.conversation import conversation_prompt
 from minicpmv_jax.finetune.batching import FinetuneDataset, bucket_length
 from minicpmv_jax.finetune.data import DataConfig, SampleError, SkippedSamplesWarning, default_buckets, load_samples
 from minicpmv_jax.processor import IMAGE_TAG, MiniCPMVProcessor

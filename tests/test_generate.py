@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from helpers import noise_image
-from minicpmv_jax import chat as chat_lib
 from minicpmv_jax import generate as gen
-from minicpmv_jax import sampling
 from minicpmv_jax.buckets import bucket
+from minicpmv_jax.generation_config import GenerationConfig
 from minicpmv_jax.processor import IMAGE_TAG
 
 
@@ -45,15 +44,14 @@ def hf_generate(torch_reference, batch, *, max_new_tokens, stop_ids, num_beams=1
     return rows
 
 
-def ours(tiny_model, batch, *, max_new_tokens, stop_ids, strategy="greedy", num_beams=1, repetition_penalty=1.0,
-         length_penalty=1.0, min_new_tokens=0, seed=0, **params) -> list[list[int]]:
-    prepared = chat_lib.prepare_batch(tiny_model, batch)
-    sp = sampling.SamplingParams.make(repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-                                      **params)
-    out = gen.generate(tiny_model, prepared.ids, prepared.mask, prepared.features, prepared.feature_index,
-                       prepared.row_valid, strategy=strategy, sampling_params=sp, stop_ids=stop_ids,
-                       max_new_tokens=max_new_tokens, num_new=bucket(max_new_tokens, 16),
-                       num_beams=num_beams, length_penalty=length_penalty, seed=seed)
+def ours(tiny_model, batch, *, max_new_tokens, stop_ids, strategy="greedy", num_beams=1, **settings
+         ) -> list[list[int]]:
+    prepared = gen.prepare_batch(tiny_model, batch)
+    config = GenerationConfig(do_sample=strategy == "sample", max_new_tokens=max_new_tokens,
+                              num_beams=num_beams if strategy == "beam" else 1, **settings)
+    assert config.strategy == strategy
+    out = gen.generate(tiny_model, prepared, config, stop_ids)
+    assert out.tokens.shape[1] == bucket(max_new_tokens, 16) == gen.output_length(config)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     return [tokens[b, :lengths[b]].tolist() for b in range(prepared.batch_size)]
 

@@ -9,7 +9,7 @@ import pytest
 from minicpmv_jax import config as C
 from minicpmv_jax.config import ConfigError
 from minicpmv_jax.hf_checkpoint import CheckpointError
-from minicpmv_jax.model import MiniCPMV
+from minicpmv_jax import MiniCPMV
 from minicpmv_jax.processor import MiniCPMVProcessor
 from minicpmv_jax.testing.checkpoint import write_checkpoint
 

@@ -127,3 +127,79 @@ def test_the_package_has_no_import_cycle():
         if m not in state:
             visit(m, [m])
     assert len(order) == len(modules)
+
+
+# ---------------------------------------------------------------------------------------- layers
+
+#: The layers of docs/architecture.md, bottom first. A module may import modules of its own layer or of a
+#: lower one, never of a higher one. Every module of the package is listed: a new one needs a place.
+LAYERS = {
+    "leaves": ["errors", "dtypes", "version", "buckets", "checkpoint_files", "lazy_exports"],
+    "configuration": ["config", "generation_config"],
+    "context": ["sharding", "sharding.context", "sharding.mesh", "sharding.placement", "sharding.rules", "host"],
+    "beside the towers": [
+        # processing (host side, no JAX)
+        "slicing", "image_processing", "video", "tokenizer", "chat_template", "processor", "conversation",
+        "position_buckets", "patches",
+        # checkpoint files
+        "hf_checkpoint", "checkpoint_names", "orbax_checkpoint", "checkpoint_folder", "hub", "demo",
+        "testing", "testing.checkpoint", "testing.tokenizer_files",
+        # building blocks
+        "layers", "attention", "kv_cache"],
+    "towers": ["vision", "resampler", "qwen2"],
+    "model": ["model", "image_inputs"],
+    "generation": ["generate", "sampling", "beam_search", "feature_cache", "memory_plan"],
+    "chat, training, conversion": [
+        "chat", "finetune", "finetune.batching", "finetune.checkpoint", "finetune.config", "finetune.data",
+        "finetune.device_batch", "finetune.export", "finetune.lora", "finetune.loss", "finetune.optim",
+        "finetune.train_state", "finetune.train_step", "finetune.trainer",
+        "convert_weights", "convert_weights._convert", "convert_weights._errors", "convert_weights._output",
+        "convert_weights._ring", "convert_weights._source", "convert_weights._transpose"],
+    "entry points": ["", "cli", "cli_generate", "cli_finetune"],
+}
+
+#: Host-side modules: numpy, PIL, tokenizers, jinja2, PyAV and safetensors, never JAX.
+HOST_ONLY = ["slicing", "image_processing", "video", "tokenizer", "chat_template", "processor", "conversation",
+             "position_buckets", "patches", "hub", "hf_checkpoint", "checkpoint_files", "buckets", "errors"]
+
+
+def _layer_of() -> dict[str, int]:
+    out = {}
+    for level, names in enumerate(LAYERS.values()):
+        for name in names:
+            out["minicpmv_jax" + (f".{name}" if name else "")] = level
+    return out
+
+
+def test_every_module_imports_only_its_own_layer_or_lower():
+    """docs/architecture.md's one-way rule, imports inside functions and a package ``__init__``'s
+    type-checking imports included. Fails naming each arrow that points up."""
+    modules = _project_modules()
+    layer_of = _layer_of()
+    names = list(LAYERS)
+    unplaced = sorted(set(modules) - set(layer_of))
+    assert not unplaced, f"modules without a layer (add them to LAYERS and docs/architecture.md): {unplaced}"
+    assert not sorted(set(layer_of) - set(modules)), "LAYERS names modules that do not exist"
+    upward = [f"{m} ({names[layer_of[m]]}) imports {d} ({names[layer_of[d]]})"
+              for m, p in sorted(modules.items()) for d in sorted(_imports(m, p, modules))
+              if layer_of[d] > layer_of[m]]
+    assert not upward, "\n".join(upward)
+
+
+def test_processing_imports_no_jax(tmp_path):
+    """Processing sits beside the towers on the host: importing it (through the package root, which loads
+    nothing until a name is used) loads neither JAX nor the model."""
+    script = textwrap.dedent(f"""
+        import importlib, sys
+        for name in {HOST_ONLY!r}:
+            importlib.import_module("minicpmv_jax." + name)
+        from minicpmv_jax import MiniCPMVProcessor, load_image, load_video
+        heavy = sorted(n for n in sys.modules if n.split(".")[0] in ("jax", "flax", "orbax", "torch")
+                       or n in ("minicpmv_jax.model", "minicpmv_jax.chat"))
+        assert not heavy, heavy
+        import minicpmv_jax
+        assert minicpmv_jax.MiniCPMV.__module__ == "minicpmv_jax.chat" and "jax" in sys.modules
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-3000:]

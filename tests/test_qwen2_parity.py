@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from minicpmv_jax import qwen2
+from minicpmv_jax.attention import causal_mask
 from minicpmv_jax.kv_cache import KVCache
-from minicpmv_jax.model import MiniCPMV
+from minicpmv_jax import MiniCPMV
 from reference import hf_logits, hf_qwen2, rel_err
 
 TOL = 1e-4
@@ -74,7 +75,7 @@ def test_prefill_then_decode_matches_full_forward(models):
     positions = qwen2.positions_from_mask(jnp.asarray(full_mask))
     t0 = ids.shape[1]
     hidden, cache = llm.hidden_states(llm.embed(jnp.asarray(ids)), positions[:, :t0],
-                                      qwen2.attention_mask(jnp.asarray(key_valid), 0, t0), cache, 0)
+                                      causal_mask(jnp.asarray(key_valid), 0, t0), cache, 0)
     prefill_logits = np.asarray(llm.logits(hidden))
     for b in range(2):
         assert rel_err(prefill_logits[b][mask[b]], full[b, :t0][mask[b]]) <= TOL
@@ -82,7 +83,7 @@ def test_prefill_then_decode_matches_full_forward(models):
         i = t0 + s
         key_valid[:, i] = True
         hidden, cache = llm.hidden_states(llm.embed(jnp.asarray(full_ids[:, i:i + 1])), positions[:, i:i + 1],
-                                          qwen2.attention_mask(jnp.asarray(key_valid), i, 1), cache,
+                                          causal_mask(jnp.asarray(key_valid), i, 1), cache,
                                           jnp.int32(i))
         assert rel_err(np.asarray(llm.logits(hidden))[:, 0], full[:, i]) <= TOL
 

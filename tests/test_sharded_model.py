@@ -49,7 +49,7 @@ def test_sharded_logits_and_greedy_answer_equal_unsharded(shape, tiny_checkpoint
                                                           expected):
     mesh = sharding.make_mesh(*shape)
     model = MiniCPMV.from_pretrained(tiny_checkpoint[0], dtype="float32", mesh=mesh)
-    assert model.mesh is mesh
+    assert model.mesh == mesh                                   # read from where the parameters live
     q = model.llm.layers[0].attn.q.kernel.get_value()
     assert q.sharding.mesh == mesh and len(q.sharding.device_set) == 8
     # Parameters really split: no device holds more than ~ its share (the norms and a few biases are
@@ -81,7 +81,7 @@ def test_shard_moves_a_loaded_model(tiny_checkpoint, batch, expected):
     mesh = sharding.make_mesh(2, 1, 4)
     model.shard(mesh)
     assert _split_fraction(model) <= 1.5 / 4
-    assert model.rules == model.llm.rules == sharding.RULES and model.llm.mesh is mesh
+    assert model.mesh == mesh and not hasattr(model.llm, "mesh")
     logits = expected[0]
     mask = batch["attention_mask"]
     assert rel_err(np.asarray(model.compute_logits(batch))[mask], logits[mask]) <= 1e-5
@@ -97,9 +97,28 @@ def test_switching_to_training_rules_keeps_parameters_in_place(tiny_checkpoint, 
     model = MiniCPMV.from_pretrained(tiny_checkpoint[0], dtype="float32", mesh=mesh)
     before = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     model.shard(mesh, sharding.TRAINING_RULES)
-    assert model.rules == model.llm.rules == sharding.TRAINING_RULES
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         assert var.get_value() is before[path], path                  # the same arrays, not copies
     logits = expected[0]
     mask = batch["attention_mask"]
-    assert rel_err(np.asarray(model.compute_logits(batch))[mask], logits[mask]) <= 1e-5
+    with sharding.use_rules(sharding.TRAINING_RULES):                # the activations' layout: context
+        assert rel_err(np.asarray(model.compute_logits(batch))[mask], logits[mask]) <= 1e-5
+
+
+def test_the_rules_context_is_part_of_the_compiled_programs_key(tiny_checkpoint, batch):
+    """compute_logits traces under the caller's rules: a new context compiles a new program (never reuses
+    one traced under other rules), and the same context reuses its program."""
+    from minicpmv_jax import model as model_lib
+
+    mesh = sharding.make_mesh(1, 2, 4)
+    model = MiniCPMV.from_pretrained(tiny_checkpoint[0], dtype="float32", mesh=mesh)
+    model.compute_logits(batch)
+    size = model_lib._logits._cache_size()
+    model.compute_logits(batch)
+    assert model_lib._logits._cache_size() == size
+    other = sharding.override_rules(sharding.RULES, {"act_embed": ("tensor",)})   # a table no test used
+    with sharding.use_rules(other):
+        model.compute_logits(batch)
+        assert model_lib._logits._cache_size() == size + 1
+        model.compute_logits(batch)
+    assert model_lib._logits._cache_size() == size + 1

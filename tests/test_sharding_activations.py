@@ -64,8 +64,9 @@ def test_tables_differ_only_in_the_residual_rows():
     for shape in [(1, 2, 4), (2, 2, 2)]:
         mesh = S.abstract_mesh(*shape)
         assert S.param_specs(state, mesh) == S.param_specs(state, mesh, S.TRAINING_RULES)
-        assert S.kv_cache_specs(minicpmv_2_6(), mesh, batch=8, length=64) == \
-            S.kv_cache_specs(minicpmv_2_6(), mesh, batch=8, length=64, rules=S.TRAINING_RULES)
+        llm = minicpmv_2_6().llm
+        buffer = (8, 64, llm.num_key_value_heads, llm.head_dim)
+        assert S.kv_cache_spec(buffer, mesh) == S.kv_cache_spec(buffer, mesh, S.TRAINING_RULES)
 
 
 def test_override_rules():
@@ -120,16 +121,20 @@ def test_residual_constrained_after_embedding_and_every_layer(llm_small, remat):
 
     try:
         llm.remat = remat
-        llm.shard_activations(None)
-        assert traced() == []                                                      # unsharded: none
+        assert traced() == []                                                      # no context: none
+        with S.use_mesh(None):
+            assert traced() == []
         for rules, spec in [(S.RULES, P(None, None, "fsdp")), (S.TRAINING_RULES, P("fsdp", None, None))]:
-            llm.shard_activations(mesh, rules)
-            assert traced() == [NamedSharding(mesh, spec)] * (llm.config.num_hidden_layers + 1), rules
+            with S.use_mesh(mesh, rules):
+                assert traced() == [NamedSharding(mesh, spec)] * (llm.config.num_hidden_layers + 1), rules
+            with S.use_mesh(mesh), S.use_rules(rules):                              # rules alone switch
+                assert traced() == [NamedSharding(mesh, spec)] * (llm.config.num_hidden_layers + 1), rules
+        assert traced() == []                                                      # the context ended
+        assert not hasattr(llm, "mesh") and not hasattr(llm, "rules")              # context, not state
     finally:
         llm.remat = False
-        llm.shard_activations(None)
-    with pytest.raises(TypeError, match="Qwen2.shard_activations: mesh must be a jax.sharding.Mesh"):
-        llm.shard_activations((1, 2, 4))
+    with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh or None, got tuple"):
+        S.use_mesh((1, 2, 4))
 
 
 def _loss_and_grads(model, ids, mask, weights):
@@ -163,8 +168,8 @@ def test_remat_training_gradients_sharded_equal_unsharded(llm_small, train_batch
     sharded = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))      # new Variables, same arrays
     sharded.remat = True
     S.shard_model(sharded, mesh)
-    sharded.shard_activations(mesh, getattr(S, rules))
-    value, grads = _loss_and_grads(sharded, *batch)
+    with S.use_mesh(mesh, getattr(S, rules)):
+        value, grads = _loss_and_grads(sharded, *batch)
     assert rel_err(value, ref_value) <= 1e-5
     assert grads.keys() == ref_grads.keys() and len(grads) == 3 * 12 + 3
     for path, g in grads.items():

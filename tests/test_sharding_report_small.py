@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "sharding_report.py")
 MESHES = [[8, 1, 1], [1, 8, 1], [1, 1, 8], [2, 2, 2], [1, 2, 4]]
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-ATTENTION_LOGITS = "BKGTH,BSKH->BKGTS"   # the q·k einsum of qwen2.gqa_attention
+ATTENTION_LOGITS = "BKGTH,BSKH->BKGTS"   # the q·k einsum of attention.attention (batched schedule)
 
 
 @pytest.fixture(scope="module")

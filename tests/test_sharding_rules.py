@@ -20,12 +20,12 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from minicpmv_jax import memory_plan
+from minicpmv_jax import kv_cache, memory_plan
 from minicpmv_jax import sharding as S
 from minicpmv_jax.config import minicpmv_2_6, tiny
 from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.kv_cache import KVCache
-from minicpmv_jax.model import MiniCPMV
+from minicpmv_jax import MiniCPMV
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4)]
 FT = ("fsdp", "tensor")
@@ -400,23 +400,25 @@ def test_param_without_logical_axes_is_an_error():
     ((8, 1, 1), 8, P("data", None, None, None)),
     ((1, 8, 1), 4, P(None, None, None, None)),
 ], ids=str)
-def test_kv_cache_specs_full_size(shape, batch, expected):
-    specs = S.kv_cache_specs(minicpmv_2_6(), shape, batch=batch, length=4096)
-    assert isinstance(specs, KVCache) and len(specs.k) == len(specs.v) == 28
-    assert set(specs.k) | set(specs.v) == {expected}
+def test_kv_cache_spec_full_size(shape, batch, expected):
+    llm = minicpmv_2_6().llm
+    assert S.kv_cache_spec((batch, 4096, llm.num_key_value_heads, llm.head_dim), shape) == expected
+    with pytest.raises(ValueError, match=r"a KV-cache buffer is \[B, S, K, H\], got shape \[8, 4096\]"):
+        S.kv_cache_spec((8, 4096), shape)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 8), (2, 2, 2)], ids=_mesh_id)
 def test_sharded_kv_cache_is_created_in_shards(shape):
     mesh = S.make_mesh(*shape)
     cfg = tiny().llm                                             # K = 2, H = 32
-    cache = S.sharded_kv_cache(cfg, 4, 16, mesh, dtype=jnp.float32)
+    cache = kv_cache.sharded_zeros(cfg, 4, 16, mesh, dtype=jnp.float32)
+    assert isinstance(cache, KVCache) and len(cache.k) == len(cache.v) == cfg.num_hidden_layers
     expected = {(1, 1, 8): (4, 16, 2, 4), (2, 2, 2): (1, 16, 1, 32)}[shape]
     for buf in (*cache.k, *cache.v):
         assert buf.shape == (4, 16, 2, 32)
         assert {s.data.shape for s in buf.addressable_shards} == {expected}
         assert not np.asarray(buf).any()
-    shardings = S.kv_cache_shardings(cache, mesh)
+    shardings = kv_cache.shardings(cache, mesh)
     assert jax.tree.structure(shardings) == jax.tree.structure(cache)
     assert shardings.k[0] == cache.k[0].sharding
     # as jit in/out shardings of a step that writes into the cache
@@ -449,6 +451,7 @@ def test_constrain_is_a_no_op_without_a_mesh_and_splits_inside_one():
         assert g(x).sharding.spec == P("data", None, "tensor")
         assert g(jnp.ones((3, 6, 6))).sharding.spec == P()      # nothing divides: replicated
     cache = KVCache.zeros(tiny().llm, 2, 4, jnp.float32)
-    h = jax.jit(lambda c: S.constrain_kv_cache(c, mesh))
-    assert h(cache).k[0].sharding.spec == P("data", None, None, "tensor")
-    assert S.constrain_kv_cache(cache) is cache
+    h = jax.jit(lambda c: kv_cache.constrain(c))
+    with S.use_mesh(mesh):                                      # read while tracing
+        assert h(cache).k[0].sharding.spec == P("data", None, None, "tensor")
+    assert all(a is b for a, b in zip(jax.tree.leaves(kv_cache.constrain(cache)), jax.tree.leaves(cache)))

@@ -14,7 +14,7 @@ torch's caching allocator do not share a card well; PyTorch first, then JAX), th
   ttft       time to first token for a fresh random 1344×1344 image (overview + 3×3 slices = 10 pieces of
              448²; a 691-token prompt in the layout of docs/model.md §6 with random text ids — no tokenizer):
              ``preprocess_image`` (the project's PIL preprocessing, on both sides) → vision → prefill →
-             the first token on the host. JAX: ``chat.prepare_batch`` (prompt left-padded to 1024, pieces
+             the first token on the host. JAX: ``generate.prepare_batch`` (prompt left-padded to 1024, pieces
              packed into a batch of 16, feature cache, encoder + resampler in one jit) then
              ``generate.generate(max_new_tokens=1)`` — chat's own path (``generate`` also runs the chosen
              token through the model before it returns: one decode step is inside this time). PyTorch:

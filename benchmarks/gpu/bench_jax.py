@@ -26,9 +26,9 @@ def random_model(cfg, seed: int):
     import numpy as np
     from flax import nnx
 
-    from minicpmv_jax.model import MiniCPMV
+    from minicpmv_jax.model import abstract_model
 
-    abstract = nnx.eval_shape(lambda: MiniCPMV(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(seed)))
+    abstract = abstract_model(cfg, jnp.bfloat16)
     graphdef, shapes = nnx.split(abstract)
     leaves, treedef = jax.tree.flatten(shapes)
     pool_size = max(x.size for x in leaves) + 2 ** 20
@@ -51,8 +51,7 @@ def run_jax(plan: Plan, rec: Recorder) -> None:
     from flax import nnx
 
     from minicpmv_jax import generate as gen
-    from minicpmv_jax import sampling
-    from minicpmv_jax.chat import prepare_batch
+    from minicpmv_jax.generation_config import GenerationConfig
     from minicpmv_jax.image_inputs import pack_for_encoder
     from minicpmv_jax.image_processing import preprocess_image
 
@@ -108,7 +107,7 @@ def run_jax(plan: Plan, rec: Recorder) -> None:
         grid = preprocess_image(random_image(plan.image_size, plan.seed), sl.max_slice_nums,
                                 sl.scale_resolution, sl.patch_size).grid
         ids, bounds = image_prompt(grid, cfg.resampler.num_queries, cfg.llm.vocab_size, plan.seed)
-        params1 = sampling.SamplingParams.make(min_new_tokens=1)
+        config1 = GenerationConfig(max_new_tokens=1, min_new_tokens=1)
         counter = iter(range(1, 10 ** 6))
         stages = []
 
@@ -119,12 +118,10 @@ def run_jax(plan: Plan, rec: Recorder) -> None:
             t1 = time.perf_counter()
             batch = {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), bool),
                      "image_bound": [bounds], "pixel_values": [proc.pixel_values]}
-            prepared = prepare_batch(model, batch)
+            prepared = gen.prepare_batch(model, batch)
             jax.block_until_ready(prepared.features)
             t2 = time.perf_counter()
-            out = gen.generate(model, prepared.ids, prepared.mask, prepared.features, prepared.feature_index,
-                               prepared.row_valid, strategy="greedy", sampling_params=params1,
-                               stop_ids=stops, max_new_tokens=1, num_new=n)
+            out = gen.generate(model, prepared, config1, stops, num_new=n)
             int(np.asarray(out.tokens)[0, 0])
             stages.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
             state["prepared"] = prepared
@@ -148,19 +145,17 @@ def run_jax(plan: Plan, rec: Recorder) -> None:
     def decode(b):
         model = state["model"]
         if b == 1 and "prepared" in state:       # after the image prompt (the TTFT's program)
-            p = state["prepared"]
-            args = (p.ids, p.mask, p.features, p.feature_index, p.row_valid)
+            prepared = state["prepared"]
             context, prompt = res["ttft"]["prompt_tokens"], "image"
         else:                                     # random text (also batch 1 when the TTFT phase failed)
             ids = jax.random.randint(jax.random.key(plan.seed + b), (b, plan.decode_prompt), 0,
                                      cfg.llm.vocab_size, jnp.int32)
-            args = (ids, jnp.ones(ids.shape, bool), None, None, jnp.ones((b,), bool))
+            prepared = gen.PreparedBatch(ids, jnp.ones(ids.shape, bool), jnp.ones((b,), bool), batch_size=b)
             context, prompt = plan.decode_prompt, "text"
-        params = {k: sampling.SamplingParams.make(min_new_tokens=k) for k in (1, n)}
+        configs = {k: GenerationConfig(max_new_tokens=k, min_new_tokens=k) for k in (1, n)}
 
-        def run(k):
-            out = gen.generate(model, *args, strategy="greedy", sampling_params=params[k], stop_ids=stops,
-                               max_new_tokens=k, num_new=n)
+        def run(k):   # one compiled program (buffer n) for both counts
+            out = gen.generate(model, prepared, configs[k], stops, num_new=n)
             lengths = np.asarray(out.lengths)
             if not (lengths == k).all():
                 raise RuntimeError(f"batch {b}: rows stopped early, lengths {lengths.tolist()} != {k}")
@@ -168,15 +163,16 @@ def run_jax(plan: Plan, rec: Recorder) -> None:
         t1, tn = measure_pair(lambda: run(1), lambda: run(n), plan)
         rec.res["first_call_s"][f"decode_b{b}"] = t1["first_s"]
         res[f"decode_b{b}"] = {**decode_result(t1, tn, b, n), "context": context, "prompt": prompt,
-                               "cache_slots": int(args[0].shape[1]) + n}
+                               "cache_slots": int(prepared.ids.shape[1]) + n}
 
     def prefill():
         model = state["model"]
         t = plan.prefill_tokens
         ids = jax.random.randint(jax.random.key(plan.seed), (1, t), 0, cfg.llm.vocab_size, jnp.int32)
-        mask, valid = jnp.ones((1, t), bool), jnp.ones((1,), bool)
+        prepared = gen.PreparedBatch(ids, jnp.ones((1, t), bool), jnp.ones((1,), bool), batch_size=1)
+        config = GenerationConfig(max_new_tokens=1)
         m = measure(lambda: jax.block_until_ready(
-            gen.prefill(model, ids, mask, None, None, valid, num_new=PREFILL_EXTRA_SLOTS)), plan)
+            gen.prefill(model, prepared, config, num_new=PREFILL_EXTRA_SLOTS)), plan)
         rec.res["first_call_s"]["prefill"] = m["first_s"]
         res["prefill"] = {**m, "tokens": t, "tok_s": t / m["median_s"]}
 
@@ -207,16 +203,16 @@ def dry_run(plan: Plan, device_gb: float) -> dict:
     from flax import nnx
 
     from minicpmv_jax import generate as gen
-    from minicpmv_jax import sampling
     from minicpmv_jax.buckets import bucket
+    from minicpmv_jax.generation_config import GenerationConfig
     from minicpmv_jax.image_inputs import pack_for_encoder, pieces_bucket
     from minicpmv_jax.image_processing import preprocess_image
-    from minicpmv_jax.model import MiniCPMV
+    from minicpmv_jax.model import abstract_model
 
     cfg = model_config(plan.small)
     c = cfg.llm
     t = time.perf_counter()
-    abstract = nnx.eval_shape(lambda: MiniCPMV(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg, jnp.bfloat16)
     graphdef, params = nnx.split(abstract)
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(tree)))  # noqa: E731
     weights = nbytes(abstract)
@@ -238,9 +234,8 @@ def dry_run(plan: Plan, device_gb: float) -> dict:
         feats = (sds((num_pieces, q, d), jnp.bfloat16), sds((b, t_len), jnp.int32))
         trace(f"generate B={b} T={t_len} N={n}" + (f" + {num_pieces} image pieces" if with_image else ""),
               lambda m, ids, mask, valid, *f: gen.generate(
-                  m, ids, mask, *(f or (None, None)), valid, strategy="greedy",
-                  sampling_params=sampling.SamplingParams.make(min_new_tokens=n), stop_ids=stops,
-                  max_new_tokens=n, num_new=n),
+                  m, gen.PreparedBatch(ids, mask, valid, *(f or (None, None)), batch_size=b),
+                  GenerationConfig(max_new_tokens=n, min_new_tokens=n), stops, num_new=n),
               sds((b, t_len), jnp.int32), sds((b, t_len), bool), sds((b,), bool),
               *(feats if with_image else ()))
 
@@ -262,7 +257,8 @@ def dry_run(plan: Plan, device_gb: float) -> dict:
           lambda m, *a: m.encode_pieces_packed(*a), *(sds(a.shape, a.dtype) for a in packed))
     generate(1, ttft_t, True, num_pieces)
     trace(f"prefill T={plan.prefill_tokens}", lambda m, ids, mask, valid: gen.prefill(
-        m, ids, mask, None, None, valid, num_new=PREFILL_EXTRA_SLOTS),
+        m, gen.PreparedBatch(ids, mask, valid, batch_size=1), GenerationConfig(max_new_tokens=1),
+        num_new=PREFILL_EXTRA_SLOTS),
         sds((1, plan.prefill_tokens), jnp.int32), sds((1, plan.prefill_tokens), bool), sds((1,), bool))
     for b in plan.batches:
         if b != 1:

@@ -142,7 +142,7 @@ def render(plan: Plan, meta: dict, jx: dict, th: dict, der: dict) -> tuple[str, 
                   f"{_fmt(jx.get('copy_bw_GBs'), '.0f', ' GB/s')} (read + write; PyTorch's copy "
                   f"{_fmt(th.get('copy_bw_GBs'), '.0f', ' GB/s')}; JAX read-only reduction "
                   f"{_fmt(jx.get('read_bw_GBs'), '.0f', ' GB/s')}).")
-    what = ("JAX: `generate.generate` (prefill + decode loop in one jit, greedy), `chat.prepare_batch` for the "
+    what = ("JAX: `generate.generate` (prefill + decode loop in one jit, greedy), `generate.prepare_batch` for the "
             "image; PyTorch: transformers `Qwen2ForCausalLM` (attention "
             f"{th.get('attn_implementation', '?')}, eager, {th.get('cache', '?')}) `generate`, the torch "
             "SigLIP/resampler reference one piece at a time. "

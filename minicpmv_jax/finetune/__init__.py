@@ -26,8 +26,9 @@ use: ``import minicpmv_jax.finetune`` alone does not load Orbax)::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from minicpmv_jax.lazy_exports import lazy_exports
 
 # Public name → the module of this package that defines it.
 _EXPORTS = {
@@ -60,14 +61,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .trainer import FitResult, LoopConfig, OutputExistsError, SettingChangedError, evaluate, fit, read_log
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value          # the next lookup is a plain global
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -14,12 +14,12 @@ taken in the order the text names them). Relative paths resolve against the data
 have no image. ``conversations`` alternates ``user`` and ``assistant`` messages (string contents), optionally
 after one leading ``system`` message, which becomes the chat's ``system_prompt``.
 
-**Tokenisation** — as :meth:`MiniCPMV.chat <minicpmv_jax.model.MiniCPMV.chat>` builds prompts, so that training
+**Tokenisation** — as :meth:`MiniCPMV.chat <minicpmv_jax.chat.MiniCPMV.chat>` builds prompts, so that training
 matches inference: image references become the tag ``(<image>./</image>)``; the checkpoint's chat template
 renders the conversation; each tag becomes its image's placeholder as the processor writes it
 (:func:`~minicpmv_jax.slicing.plan_slices` and :func:`~minicpmv_jax.slicing.image_placeholder`, with
 ``max_slice_nums`` and ``use_image_id`` overridable). The text before an assistant turn is exactly
-:func:`~minicpmv_jax.chat.conversation_prompt` of the turns before it (checked for every sample), and the
+:func:`~minicpmv_jax.conversation.conversation_prompt` of the turns before it (checked for every sample), and the
 targets are each assistant text and the ``<|im_end|>`` closing it. The rendered conversation is tokenised in
 segments cut at those targets, so the targets decode to exactly the assistant texts; everything else
 (system, user turns, role headers, image placeholders, the ``\\n`` after ``<|im_end|>``) is context.
@@ -47,7 +47,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from minicpmv_jax import slicing
-from minicpmv_jax.chat import conversation_prompt
+from minicpmv_jax.conversation import conversation_prompt
 from minicpmv_jax.image_processing import load_image
 from minicpmv_jax.processor import IMAGE_TAG, MiniCPMVProcessor, image_bounds
 

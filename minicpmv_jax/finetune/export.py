@@ -2,7 +2,7 @@
 
 The folder is exactly what ``minicpmv-jax convert`` writes (:mod:`minicpmv_jax.orbax_checkpoint`): the
 manifest, the base model's config / tokenizer / preprocessor / generation files, and ``params/``, an
-Orbax tree of every parameter of :class:`~minicpmv_jax.model.MiniCPMV` in our layout. LoRA adapters are
+Orbax tree of every parameter of :class:`~minicpmv_jax.model.MiniCPMVModel` in our layout. LoRA adapters are
 merged first (``W += (alpha/r)·A·B`` in float32, on a copy: the model passed in keeps its adapters), so
 the result is a plain model, loadable without this package's fine-tuning code.
 
@@ -45,7 +45,7 @@ def export_model(model: nnx.Module, dst: str | os.PathLike, *, base_model: str |
     """Writes ``model`` (adapters merged) to ``dst`` as a converted folder; returns ``dst``.
 
     Args:
-      model: a :class:`~minicpmv_jax.model.MiniCPMV`, e.g. ``Trainer.model(state)``.
+      model: a :class:`~minicpmv_jax.model.MiniCPMVModel`, e.g. ``Trainer.model(state)``.
       dst: the new folder. An existing one is replaced only with ``overwrite``, and only if this package
         wrote it (as for ``minicpmv-jax convert``).
       base_model: what the model was loaded from (a folder, ``~`` expanded, ``"demo"`` or a Hub id, as

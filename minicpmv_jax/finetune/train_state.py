@@ -79,7 +79,7 @@ def set_compute_dtype(model: nnx.Module, dtype: Any) -> None:
 
 
 def prepare_model(model: nnx.Module, config: TrainConfig) -> list[str]:
-    """Readies a loaded :class:`~minicpmv_jax.model.MiniCPMV` for training ``config``, in place:
+    """Readies a loaded :class:`~minicpmv_jax.model.MiniCPMVModel` for training ``config``, in place:
     adds the LoRA adapters (when ``config.lora``; A drawn from ``config.seed``), sets the computation
     dtype and per-layer rematerialisation. Returns the paths of the modules that got adapters."""
     wrapped = [] if config.lora is None else apply_lora(model, config.lora, seed=config.seed)

@@ -14,7 +14,7 @@ programs. The loop is the caller's (``minicpmv-jax finetune`` is one)::
 A step (:func:`train_step`) scans over the micro-batches, summing the loss sums, target-token counts and
 the gradients of the loss *sums* (float32, laid out like the parameters); divides once by the step's
 token count; clips by global norm; applies AdamW. Only the trainable parameters are differentiated.
-The forward is the model's own (:meth:`MiniCPMV.hidden_states <minicpmv_jax.model.MiniCPMV.hidden_states>`:
+The forward is the model's own (:meth:`MiniCPMV.hidden_states <minicpmv_jax.model.MiniCPMVModel.hidden_states>`:
 the computation of ``MiniCPMV.compute_logits`` up to ``lm_head``, the same image packing and feature
 scatter), with LoRA dropout on and reseeded per micro-batch from ``fold_in(fold_in(key, step), micro_batch)``;
 the loss applies ``lm_head`` itself, in chunks of ``TrainConfig.loss_chunk`` positions
@@ -57,8 +57,8 @@ __all__ = ["Trainer", "step_key", "micro_batch_loss", "accumulate_gradients", "t
 # --------------------------------------------------------------------------- pure steps
 
 
-def micro_batch_loss(model: model_lib.MiniCPMV, ids: jax.Array, mask: jax.Array, targets: jax.Array, images,
-                     loss_chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+def micro_batch_loss(model: model_lib.MiniCPMVModel, ids: jax.Array, mask: jax.Array, targets: jax.Array,
+                     images, loss_chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
     """(loss sum, target-token count) of one micro-batch ``[B, L]`` (call under jit / grad).
 
     The model's hidden states, then ``lm_head`` and the cross-entropy in chunks of ``loss_chunk`` positions
@@ -167,6 +167,15 @@ _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 _MAX_PROGRAMS = 32
 
 
+def _traced_in(context: sharding.ShardingContext, fn):
+    """``fn`` run (hence traced) inside the sharding ``context``: the residual stream of the training
+    forward is constrained on the trainer's mesh per its rules."""
+    def traced(*args):
+        with sharding.use_mesh(context):
+            return fn(*args)
+    return traced
+
+
 class Trainer:
     """A model readied for one :class:`TrainConfig`, its optimizer and the jitted (sharded) steps.
 
@@ -194,7 +203,7 @@ class Trainer:
         self._programs: dict = {}        # (kind, batch shapes) → this trainer's programs, also in _PROGRAMS
         self.lora_targets = prepare_model(model, config)
         if self.mesh is not None:
-            model.shard(self.mesh, self.rules)      # the adapters too; activations in the training layout
+            model.shard(self.mesh, self.rules)      # the adapters too (the activations: _traced_in)
         self.graphdef, trainable, self.frozen, self.rest = split_model(model, config)
         self.paths = [path for path, _ in nnx.to_flat_state(trainable)]
         self._param_shardings = None
@@ -311,6 +320,7 @@ class Trainer:
             fn = functools.partial(accumulate_gradients, dropout=self._dropout, grad_shardings=params, **common)
             shardings = None if self.mesh is None else ((params, *inputs, replicated), (params, replicated, replicated))
         kwargs = {} if shardings is None else dict(in_shardings=shardings[0], out_shardings=shardings[1])
+        fn = _traced_in(sharding.ShardingContext(self.mesh, self.rules), fn)
         _PROGRAMS[key] = jax.jit(fn, donate_argnums=(0,) if kind == "train" else (), **kwargs)
         self._programs[own] = _PROGRAMS[key]
         while len(_PROGRAMS) > _MAX_PROGRAMS:

@@ -362,7 +362,7 @@ def fit(model, dataset: FinetuneDataset, config: TrainConfig, output: str | os.P
     """Fine-tunes ``model`` for ``config.total_steps`` optimizer steps (see the module docstring).
 
     Args:
-      model: a loaded :class:`~minicpmv_jax.model.MiniCPMV` (on ``mesh`` when sharded); it becomes the
+      model: a loaded :class:`~minicpmv_jax.model.MiniCPMVModel` (on ``mesh`` when sharded); it becomes the
         trainer's (LoRA adapters are added to it in place). Pass it without keeping a reference (e.g.
         ``fit(MiniCPMV.from_pretrained(...), ...)``) so that the load-dtype copies of the trained parameters
         are freed once their float32 masters exist.
