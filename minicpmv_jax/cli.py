@@ -7,6 +7,7 @@ Subcommands available in this build:
     minicpmv-jax chat --model M PROMPT answer a prompt about images (--image) or a video (--video)
     minicpmv-jax generate --model M --input requests.jsonl --output answers.jsonl   batched answers
     minicpmv-jax plan --mesh DxFxT [--model M] [--batch B --max-len L]   per-device memory on a mesh
+        [--compile --prompt-len T [--json]]                            ... and XLA's, compiled here
     minicpmv-jax finetune --model M --data train.json --output DIR [--lora-rank R | --full] [--steps N] ...
                                        LoRA or full fine-tuning, resumable; exports DIR/model
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import json
 import sys
 import warnings
 from typing import Callable, Mapping
@@ -29,6 +31,7 @@ from typing import Callable, Mapping
 from . import orbax_checkpoint
 from . import checkpoint_names as names
 from .cli_finetune import add_finetune_parser
+from .attention import IMPLEMENTATIONS
 from .cli_generate import add_chat_parser, add_generate_parser, path_arg
 from .config import ConfigError, MiniCPMVConfig, num_parameters
 from .errors import ArgumentError
@@ -85,8 +88,38 @@ def _convert(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from minicpmv_jax.memory_plan import format_plan, plan_memory
 
+    if args.prompt_len is not None and not args.compile:
+        raise ArgumentError("{} is the length of the compiled prefill: add {}", "prompt_len", "compile=True")
     result = plan_memory(args.model, args.mesh, batch=args.batch, max_len=args.max_len, dtype=args.dtype)
+    compiled = None
+    if args.compile:
+        from minicpmv_jax import sharding
+        from minicpmv_jax.compiled_plan import compiled_memory
+
+        if args.prompt_len is None:
+            raise ArgumentError("{} needs {} (the prompt length to compile the prefill for)", "compile=True",
+                                "prompt_len")
+        shape = sharding.parse_mesh_shape(args.mesh)
+        mesh = None if shape == (1, 1, 1) else sharding.make_mesh(*shape)
+        compiled = compiled_memory(args.model, prompt_len=args.prompt_len, batch=args.batch,
+                                   max_new_tokens=args.new_tokens, dtype=args.dtype, attention=args.attention,
+                                   mesh=mesh)
+    if args.json:
+        out = {"plan": {"mesh": list(result.mesh_shape), "dtype": result.dtype, "batch": result.batch,
+                        "max_len": result.max_len, "param_bytes_per_device": result.param_bytes_per_device,
+                        "kv_cache_bytes_per_device": result.kv_cache_bytes_per_device,
+                        "bytes_per_device": result.bytes_per_device,
+                        "tower_bytes_per_device": {t.name: t.per_device_bytes for t in result.towers}}}
+        if compiled is not None:
+            out.update(compiled.to_json())
+        print(json.dumps(out))
+        return 0
     print(format_plan(result, args.device_memory))
+    if compiled is not None:
+        from minicpmv_jax.compiled_plan import format_compiled
+
+        print()
+        print(format_compiled(compiled))
     return 0
 
 
@@ -125,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     plan.add_argument("--device-memory", type=float, metavar="GIB",
                       help="memory per device (e.g. 16 for TPU v5e, 80 for H100) to report the headroom")
+    plan.add_argument("--compile", action="store_true",
+                      help="also lower and compile the prefill (at --prompt-len) and one decode step on this "
+                      "backend, weights abstract, and print XLA's memory analysis per device; the mesh must "
+                      "then exist on this process's devices")
+    plan.add_argument("--prompt-len", type=int, metavar="T", help="prompt tokens of the compiled prefill")
+    plan.add_argument("--new-tokens", type=int, default=16, metavar="N",
+                      help="new-token buffer of the compiled programs (default 16; the cache has T + N slots)")
+    plan.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
+                      help="attention kernel of the compiled programs (default auto: the best for this backend)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     plan.set_defaults(func=_plan)
     return parser
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 from PIL import Image
 from tqdm import tqdm
 
+from minicpmv_jax.attention import IMPLEMENTATIONS
 from minicpmv_jax.demo import DEMO_NAME, DEMO_NOTICE
 from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.generation_config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
@@ -64,6 +65,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (HF or converted), a Hugging Face Hub id, "
                    "or 'demo' (tiny random weights, offline)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
+                   help="the language model's attention kernel (default auto: blockwise prefill on CPU, cuDNN "
+                   "on GPU, splash on TPU)")
     p.add_argument("--system", default="", help="system prompt")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
@@ -161,7 +165,8 @@ def _load(args: argparse.Namespace):
     from minicpmv_jax import MiniCPMV, MiniCPMVProcessor
 
     folder = model_folder(args.model)
-    return MiniCPMV.from_pretrained(folder, dtype=args.dtype), MiniCPMVProcessor.from_pretrained(folder)
+    return (MiniCPMV.from_pretrained(folder, dtype=args.dtype, attention=args.attention),
+            MiniCPMVProcessor.from_pretrained(folder))
 
 
 def _warn(args: argparse.Namespace, message: str) -> None:

@@ -40,10 +40,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from flax import nnx, struct
 
 from minicpmv_jax import beam_search, kv_cache, sampling, sharding
-from minicpmv_jax.attention import causal_mask
+from minicpmv_jax.attention import Mask, resolve
 from minicpmv_jax.buckets import MIN_LENGTH, bucket, pad_left
 from minicpmv_jax.feature_cache import encode_pieces
 from minicpmv_jax.generation_config import GenerationConfig
@@ -152,9 +153,17 @@ def _prompt_embeddings(model, ids, features, feature_index):
     return x if features is None else place_features(x, features, feature_index)
 
 
-def _prefill(model, ids, mask, features, feature_index, num_new: int):
+#: Prompts longer than this run through the layers in chunks of this many tokens (each chunk attends to
+#: the cache written so far), so that a prefill's activations — the MLP's [B, chunk, F] above all — do not
+#: grow with the prompt. Only for the kernels that take a causal mask at any offset (blockwise, xla).
+PREFILL_CHUNK = 4096
+
+
+def _prefill(model, ids, mask, features, feature_index, num_new: int, chunk: int | None = PREFILL_CHUNK):
     """Runs the prompt ``ids [B, T]`` (mask [B, T]) into a fresh cache of T + num_new slots.
 
+    With ``chunk`` dividing T (< T) and a kernel that takes any causal offset, chunk c of the prompt
+    (slots ``[c·chunk, (c+1)·chunk)``) runs through all layers after chunk c − 1, in a ``lax.scan``.
     Returns (last-position logits [B, V] float32, cache, key_valid [B, S], next positions [B]).
     """
     b, t = ids.shape
@@ -163,8 +172,25 @@ def _prefill(model, ids, mask, features, feature_index, num_new: int):
     cache = kv_cache.constrain(KVCache.zeros(llm.config, b, t + num_new, llm.dtype))
     key_valid = jnp.zeros((b, t + num_new), bool).at[:, :t].set(mask)
     x = _prompt_embeddings(model, ids, features, feature_index)
-    hidden, cache = llm.hidden_states(x, positions_from_mask(mask), causal_mask(key_valid, 0, t), cache, 0)
-    logits = llm.logits(hidden[:, -1:])[:, 0]
+    positions = positions_from_mask(mask)
+    mesh = sharding.current_context().mesh
+    kernel = resolve(llm.attention, num_queries=t, cached=True, dtype=llm.dtype,
+                     sharded=mesh is not None and mesh.size > 1)
+    if chunk is None or t <= chunk or t % chunk or kernel not in ("blockwise", "xla"):
+        hidden, cache = llm.hidden_states(x, positions, Mask(key_valid, 0), cache, 0)
+        last = hidden[:, -1]
+    else:
+        def one_chunk(cache, inputs):
+            start, x_c, positions_c = inputs
+            hidden, cache = llm.hidden_states(x_c, positions_c, Mask(key_valid, start), cache, start)
+            return cache, hidden[:, -1]
+
+        n = t // chunk
+        chunks = (jnp.arange(n, dtype=jnp.int32) * chunk,
+                  rearrange(x, "B (C t) D -> C B t D", C=n), rearrange(positions, "B (C t) -> C B t", C=n))
+        cache, lasts = jax.lax.scan(one_chunk, cache, chunks)
+        last = lasts[-1]
+    logits = llm.logits(last[:, None])[:, 0]
     return logits, cache, key_valid, jnp.sum(mask, axis=-1, dtype=jnp.int32)
 
 
@@ -173,7 +199,7 @@ def _decode(model, tokens, positions, cache, key_valid, write_index):
     key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones((key_valid.shape[0], 1), bool),
                                              (0, write_index))
     x = model.llm.embed(tokens[:, None])
-    hidden, cache = model.llm.hidden_states(x, positions[:, None], causal_mask(key_valid, write_index, 1),
+    hidden, cache = model.llm.hidden_states(x, positions[:, None], Mask(key_valid, write_index),
                                             cache, write_index)
     return model.llm.logits(hidden)[:, 0], cache, key_valid
 
@@ -204,8 +230,9 @@ def _advance(model, state: DecodeState, params, stop_ids, max_new_tokens, do_sam
                          cache=cache, seen=seen)
 
 
-def _initial_state(model, ids, mask, features, feature_index, key, num_new: int, row_valid) -> DecodeState:
-    logits, cache, key_valid, positions = _prefill(model, ids, mask, features, feature_index, num_new)
+def _initial_state(model, ids, mask, features, feature_index, key, num_new: int, row_valid,
+                   chunk: int | None) -> DecodeState:
+    logits, cache, key_valid, positions = _prefill(model, ids, mask, features, feature_index, num_new, chunk)
     b = ids.shape[0]
     return DecodeState(
         step=jnp.zeros((), jnp.int32), tokens=jnp.zeros((b, num_new), jnp.int32),
@@ -216,14 +243,14 @@ def _initial_state(model, ids, mask, features, feature_index, key, num_new: int,
 # ---------------------------------------------------------------------------------------- jitted programs
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "do_sample", "num_new", "context"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "do_sample", "num_new", "context", "chunk"))
 def _generate(graphdef, params_state, ids, mask, features, feature_index, row_valid, sampling_params,
               stop_ids, max_new_tokens, key, *, do_sample: bool, num_new: int,
-              context: sharding.ShardingContext) -> GenerationOutput:
+              context: sharding.ShardingContext, chunk: int | None = PREFILL_CHUNK) -> GenerationOutput:
     """Greedy or sampling: prefill, then one while_loop until every row stopped or max_new_tokens."""
     model = nnx.merge(graphdef, params_state)
     with sharding.use_mesh(context):
-        state = _initial_state(model, ids, mask, features, feature_index, key, num_new, row_valid)
+        state = _initial_state(model, ids, mask, features, feature_index, key, num_new, row_valid, chunk)
         state = jax.lax.while_loop(
             lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done),
             lambda s: _advance(model, s, sampling_params, stop_ids, max_new_tokens, do_sample),
@@ -231,9 +258,10 @@ def _generate(graphdef, params_state, ids, mask, features, feature_index, row_va
     return GenerationOutput(tokens=state.tokens, lengths=state.lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_beams", "context"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_beams", "context", "chunk"))
 def _beam_generate(graphdef, params_state, ids, mask, features, feature_index, row_valid, sampling_params,
-                   beam_params, *, num_beams: int, context: sharding.ShardingContext) -> GenerationOutput:
+                   beam_params, *, num_beams: int, context: sharding.ShardingContext,
+                   chunk: int | None = PREFILL_CHUNK) -> GenerationOutput:
     """Beam search (HF semantics, :mod:`minicpmv_jax.beam_search`): rows B·W, beam-major per batch row.
 
     The prompt is prefilled once per batch row and its cache copied to the row's W beams; after each
@@ -241,14 +269,14 @@ def _beam_generate(graphdef, params_state, ids, mask, features, feature_index, r
     """
     with sharding.use_mesh(context):
         return _beam_search(nnx.merge(graphdef, params_state), ids, mask, features, feature_index, row_valid,
-                            sampling_params, beam_params, num_beams)
+                            sampling_params, beam_params, num_beams, chunk)
 
 
 def _beam_search(model, ids, mask, features, feature_index, row_valid, sampling_params, beam_params,
-                 num_beams: int) -> GenerationOutput:
+                 num_beams: int, chunk: int | None) -> GenerationOutput:
     b, t = ids.shape
     num_new = beam_params.length_norm.shape[0] - 1
-    logits, cache, key_valid, positions = _prefill(model, ids, mask, features, feature_index, num_new)
+    logits, cache, key_valid, positions = _prefill(model, ids, mask, features, feature_index, num_new, chunk)
     logits, cache, key_valid, positions = beam_search.expand_beams((logits, cache, key_valid, positions),
                                                                    num_beams)
     state = beam_search.init(beam_params, b, num_beams, active=row_valid)
@@ -271,12 +299,12 @@ def _beam_search(model, ids, mask, features, feature_index, row_valid, sampling_
     return GenerationOutput(tokens=tokens, lengths=lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_new", "context"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_new", "context", "chunk"))
 def _prefill_jit(graphdef, params_state, ids, mask, features, feature_index, row_valid, key, *, num_new: int,
-                 context: sharding.ShardingContext):
+                 context: sharding.ShardingContext, chunk: int | None = PREFILL_CHUNK):
     with sharding.use_mesh(context):
         return _initial_state(nnx.merge(graphdef, params_state), ids, mask, features, feature_index, key, num_new,
-                              row_valid)
+                              row_valid, chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "do_sample", "context"), donate_argnames=("state",))
@@ -321,7 +349,7 @@ def _one_by_one(config: GenerationConfig) -> None:
 
 
 def generate(model, prompt: PreparedBatch, config: GenerationConfig, stop_ids: Sequence[int], *,
-             num_new: int | None = None) -> GenerationOutput:
+             num_new: int | None = None, prefill_chunk: int | None = PREFILL_CHUNK) -> GenerationOutput:
     """Generates for a prepared batch in one compiled call.
 
     Args:
@@ -333,6 +361,8 @@ def generate(model, prompt: PreparedBatch, config: GenerationConfig, stop_ids: S
       stop_ids: token ids that end a row.
       num_new: N, the new-token buffer (static; default :func:`output_length`, ``max_new_tokens``
         bucketed). Give it to share one compiled program between different ``max_new_tokens``.
+      prefill_chunk: a prompt of T > ``prefill_chunk`` tokens (a multiple of it) is prefilled in chunks
+        of that many tokens (:data:`PREFILL_CHUNK`; None: in one pass).
 
     Returns:
       Tokens ``[B, N]`` and lengths ``[B]``; row b generated ``tokens[b, :lengths[b]]`` (its stop token
@@ -346,15 +376,16 @@ def generate(model, prompt: PreparedBatch, config: GenerationConfig, stop_ids: S
         beam_params = beam_search.BeamParams.make(max_new_tokens=config.max_new_tokens, stop_ids=tuple(stop_ids),
                                                   length_penalty=config.length_penalty, capacity=num_new)
         return _beam_generate(graphdef, params_state, p.ids, p.mask, p.features, p.feature_index, p.row_valid,
-                              sampling_params(config), beam_params, num_beams=config.num_beams, context=context)
+                              sampling_params(config), beam_params, num_beams=config.num_beams, context=context,
+                              chunk=prefill_chunk)
     return _generate(graphdef, params_state, p.ids, p.mask, p.features, p.feature_index, p.row_valid,
                      sampling_params(config), jnp.asarray(tuple(stop_ids), jnp.int32),
                      jnp.asarray(config.max_new_tokens, jnp.int32), jax.random.key(config.seed),
-                     do_sample=config.do_sample, num_new=num_new, context=context)
+                     do_sample=config.do_sample, num_new=num_new, context=context, chunk=prefill_chunk)
 
 
-def prefill(model, prompt: PreparedBatch, config: GenerationConfig, *, num_new: int | None = None
-            ) -> DecodeState:
+def prefill(model, prompt: PreparedBatch, config: GenerationConfig, *, num_new: int | None = None,
+            prefill_chunk: int | None = PREFILL_CHUNK) -> DecodeState:
     """The prompt into a fresh cache of T + N slots (N as in :func:`generate`): the state from which
     :func:`decode_step` produces tokens one by one (greedy or sampling, seeded by ``config.seed``)."""
     num_new = _check(config, num_new)
@@ -362,7 +393,8 @@ def prefill(model, prompt: PreparedBatch, config: GenerationConfig, *, num_new: 
     graphdef, params_state = nnx.split(model)
     p = prompt
     return _prefill_jit(graphdef, params_state, p.ids, p.mask, p.features, p.feature_index, p.row_valid,
-                        jax.random.key(config.seed), num_new=num_new, context=sharding.context_for(model.mesh))
+                        jax.random.key(config.seed), num_new=num_new, context=sharding.context_for(model.mesh),
+                        chunk=prefill_chunk)
 
 
 def decode_step(model, state: DecodeState, config: GenerationConfig, stop_ids: Sequence[int]) -> DecodeState:

@@ -59,12 +59,13 @@ class MiniCPMVModel(nnx.Module):
     caller's context (:mod:`minicpmv_jax.sharding.context`).
     """
 
-    def __init__(self, config: MiniCPMVConfig, *, dtype=jnp.bfloat16, param_dtype=None, rngs: nnx.Rngs):
+    def __init__(self, config: MiniCPMVConfig, *, dtype=jnp.bfloat16, param_dtype=None, rngs: nnx.Rngs,
+                 attention: str = "auto"):
         self.config = config
         self.dtype = as_dtype(dtype)
         self.param_dtype = as_dtype(param_dtype if param_dtype is not None else dtype, "param_dtype")
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
-        self.llm = Qwen2(config.llm, **common)
+        self.llm = Qwen2(config.llm, **common, attention=attention)
         self.vpm = VisionEncoder(config, **common)
         self.resampler = Resampler(config.resampler, **common)
 
@@ -82,7 +83,8 @@ class MiniCPMVModel(nnx.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: Any = "bfloat16", mesh=None, *,
-                        param_dtype: Any = None, rules: sharding.Rules = sharding.RULES) -> "MiniCPMVModel":
+                        param_dtype: Any = None, rules: sharding.Rules = sharding.RULES,
+                        attention: str = "auto") -> "MiniCPMVModel":
         """Loads an HF-format checkpoint folder (single or sharded safetensors) or a folder written by
         ``minicpmv-jax convert`` (an Orbax restore, see :mod:`minicpmv_jax.orbax_checkpoint`).
 
@@ -101,11 +103,15 @@ class MiniCPMVModel(nnx.Module):
         ``sharding.RULES``) decide the parameters' placement. ``compute_logits`` and ``chat`` then run on that
         mesh, the LLM's activations constrained by the rules of the caller's sharding context
         (``sharding.RULES`` unless inside ``with sharding.use_rules(...)``).
+
+        ``attention`` chooses the language model's attention kernel (``"auto"``: the best available for
+        the backend and phase; ``"xla"``, ``"blockwise"``, ``"cudnn"``, ``"splash"``, ``"gpu_decode"``; see
+        :mod:`minicpmv_jax.attention`). ``model.llm.attention`` may be changed later.
         """
         _check_mesh(mesh)
         folder = resolve_model(path)
         config = MiniCPMVConfig.from_pretrained(folder)
-        abstract = abstract_model(config, dtype, param_dtype, cls=cls)
+        abstract = abstract_model(config, dtype, param_dtype, cls=cls, attention=attention)
         shardings = None if mesh is None else sharding.flat_param_shardings(abstract, mesh, rules)
         if orbax_checkpoint.is_converted(folder):            # written by `minicpmv-jax convert`
             model = orbax_checkpoint.restore_params(folder, abstract, shardings=shardings)
@@ -242,7 +248,7 @@ def _check_mesh(mesh, required: bool = False) -> None:
 
 
 def abstract_model(config: MiniCPMVConfig, dtype: Any = "bfloat16", param_dtype: Any = None, *,
-                   cls: type[MiniCPMVModel] = MiniCPMVModel) -> MiniCPMVModel:
+                   cls: type[MiniCPMVModel] = MiniCPMVModel, attention: str = "auto") -> MiniCPMVModel:
     """The model as shapes, dtypes and logical axes only (``nnx.eval_shape``: nothing allocated).
 
     The RNG streams are created as array refs (``nnx.var_defaults(ref=True)``; the parameters are not):
@@ -253,6 +259,6 @@ def abstract_model(config: MiniCPMVConfig, dtype: Any = "bfloat16", param_dtype:
     def build() -> MiniCPMVModel:
         with nnx.var_defaults(ref=True):
             rngs = nnx.Rngs(0)
-        return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention)
 
     return nnx.eval_shape(build)

@@ -22,6 +22,8 @@ see :mod:`minicpmv_jax.sharding.rules`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -29,7 +31,7 @@ from flax import nnx
 from minicpmv_jax import sharding
 
 from . import kv_cache as kvc
-from .attention import attention, causal_mask
+from .attention import IMPLEMENTATIONS, Mask, attention, resolve
 from .config import Qwen2Config
 from .layers import Einsum, RMSNorm, normal, param
 
@@ -74,15 +76,16 @@ class Attention(nnx.Module):
                         bias_shape=(k, h), bias_axes=("kv_heads", "head_dim"), **common)
         self.o = Einsum("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), fan_in=(0, 1), **common)
 
-    def __call__(self, x, positions, mask, cache_kv=None, write_index=None):
-        """x [B, T, D]; cache_kv: (k, v) buffers [B, S, K, H] or None → (y [B, T, D], (k, v))."""
+    def __call__(self, x, positions, mask: Mask, cache_kv=None, write_index=None, kernel: str = "xla"):
+        """x [B, T, D]; cache_kv: (k, v) buffers [B, S, K, H] or None → (y [B, T, D], (k, v)).
+        ``kernel``: the attention kernel of this call (:func:`minicpmv_jax.attention.resolve`)."""
         q = apply_rope(self.q(x), positions, self.theta)
         k = apply_rope(self.k(x), positions, self.theta)
         v = self.v(x)
         if cache_kv is not None:
             k = kvc.write(cache_kv[0], k, write_index)
             v = kvc.write(cache_kv[1], v, write_index)
-        y = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        y = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=kernel)
         return self.o(y), (k, v)
 
 
@@ -108,8 +111,8 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, **common)
 
-    def __call__(self, x, positions, mask, cache_kv=None, write_index=None):
-        h, cache_kv = self.attn(self.input_norm(x), positions, mask, cache_kv, write_index)
+    def __call__(self, x, positions, mask: Mask, cache_kv=None, write_index=None, kernel: str = "xla"):
+        h, cache_kv = self.attn(self.input_norm(x), positions, mask, cache_kv, write_index, kernel)
         x = x + h
         x = x + self.mlp(self.post_attn_norm(x))
         return x, cache_kv
@@ -126,11 +129,20 @@ class Embedder(nnx.Module):
 
 
 class Qwen2(nnx.Module):
-    """Qwen2 decoder + untied ``lm_head``. ``dtype`` is the computation dtype, ``param_dtype`` storage."""
+    """Qwen2 decoder + untied ``lm_head``. ``dtype`` is the computation dtype, ``param_dtype`` storage.
 
-    def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    ``attention`` (one of :data:`minicpmv_jax.attention.IMPLEMENTATIONS`, default ``"auto"``) chooses the
+    attention kernel per call (:func:`minicpmv_jax.attention.resolve`): a static attribute like ``remat``,
+    so a program compiled for one choice is never reused for another.
+    """
+
+    def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 attention: str = "auto"):
+        if attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {attention!r}")
         self.config = cfg
         self.dtype = dtype
+        self.attention = attention
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embedder(cfg.vocab_size, cfg.hidden_size, **common)
         self.layers = nnx.List([DecoderLayer(cfg, **common) for _ in range(cfg.num_hidden_layers)])
@@ -143,23 +155,27 @@ class Qwen2(nnx.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.embed_tokens(ids)
 
-    def hidden_states(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+    def hidden_states(self, x: jax.Array, positions: jax.Array, mask: Mask,
                       cache: kvc.KVCache | None = None, write_index: jax.Array | None = None
                       ) -> tuple[jax.Array, kvc.KVCache | None]:
         """Runs the layers and the final norm.
 
-        x [B, T, D] embeddings, positions [B, T], mask [B, T, S] (S = T without a cache, else the cache
-        length); the cache, if given, is written at slots [write_index, write_index + T).
+        x [B, T, D] embeddings, positions [B, T], ``mask`` which slots each query sees (a causal
+        :class:`~minicpmv_jax.attention.Mask` over S slots: S = T without a cache, else the cache length);
+        the cache, if given, is written at slots [write_index, write_index + T).
         Returns (hidden [B, T, D], updated cache or None).
         """
+        mesh = sharding.current_context().mesh
+        kernel = resolve(self.attention, num_queries=x.shape[1], cached=cache is not None, dtype=self.dtype,
+                         sharded=mesh is not None and mesh.size > 1)
         x = _constrain_residual(x.astype(self.dtype))
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             if self.remat and cache is None:
-                x = _remat_layer(layer, x, positions, mask)
+                x = _remat_layer(layer, x, positions, mask, kernel)
             else:
                 kv = (cache.k[i], cache.v[i]) if cache is not None else None
-                x, (k, v) = layer(x, positions, mask, kv, write_index)
+                x, (k, v) = layer(x, positions, mask, kv, write_index, kernel)
                 new_k.append(k)
                 new_v.append(v)
             x = _constrain_residual(x)   # every layer: the embedding's layout alone does not hold
@@ -176,8 +192,7 @@ class Qwen2(nnx.Module):
         hidden states [B, T, D] (after the last norm, before ``lm_head``). The multimodal model enters here
         with image features already in place."""
         positions = positions_from_mask(attention_mask_bt)
-        mask = causal_mask(attention_mask_bt, 0, x.shape[1])
-        hidden, _ = self.hidden_states(x, positions, mask)
+        hidden, _ = self.hidden_states(x, positions, Mask(attention_mask_bt, 0))
         return hidden
 
     def __call__(self, ids: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
@@ -191,7 +206,7 @@ def _constrain_residual(x: jax.Array) -> jax.Array:
     return sharding.constrain(x, sharding.RESIDUAL_AXES)
 
 
-@nnx.remat
-def _remat_layer(layer: DecoderLayer, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+@functools.partial(nnx.remat, static_argnums=(4,))
+def _remat_layer(layer: DecoderLayer, x: jax.Array, positions: jax.Array, mask: Mask, kernel: str) -> jax.Array:
     """One decoder layer without a cache, recomputed in the backward pass (``Qwen2.remat``)."""
-    return layer(x, positions, mask)[0]
+    return layer(x, positions, mask, None, None, kernel)[0]

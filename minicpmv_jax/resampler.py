@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minicpmv_jax.attention import attention, key_mask
+from minicpmv_jax.attention import Mask, attention
 from minicpmv_jax.config import ResamplerConfig
 from minicpmv_jax.layers import Einsum, LayerNorm, fan_in_normal, normal, param, per_piece_on_cpu
 
@@ -106,6 +106,6 @@ class Resampler(nnx.Module):
         kv = self.ln_kv(self.kv_proj(x))                                        # [B, P, D]
         pos = sincos_2d(rows, cols, self.config.embed_dim).astype(kv.dtype)     # [B, P, D]
         q = jnp.broadcast_to(q[None], (batch, *q.shape))                        # [B, Q, N, H]
-        out = attention(q, self.k(kv + pos), self.v(kv), key_mask(valid), scale=self.scale, loop_heads_on_cpu=True)
+        out = attention(q, self.k(kv + pos), self.v(kv), Mask(valid), scale=self.scale, loop_heads_on_cpu=True)
         out = self.ln_post(self.o(out))                                         # [B, Q, D]
         return out @ self.proj[...].astype(self.dtype)                          # x @ proj, not transposed

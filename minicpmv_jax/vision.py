@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minicpmv_jax.attention import attention, key_mask
+from minicpmv_jax.attention import Mask, attention
 from minicpmv_jax.config import MiniCPMVConfig, VisionConfig
 from minicpmv_jax.layers import Einsum, LayerNorm, normal, param, per_piece_on_cpu
 
@@ -60,7 +60,7 @@ class VisionAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, valid: jax.Array | None) -> jax.Array:
         """``x [B, P, D]``, ``valid [B, P]`` (keys to attend to) → ``[B, P, D]``."""
-        out = attention(self.q(x), self.k(x), self.v(x), key_mask(valid), scale=self.scale, loop_heads_on_cpu=True)
+        out = attention(self.q(x), self.k(x), self.v(x), Mask(valid), scale=self.scale, loop_heads_on_cpu=True)
         return self.o(out)
 
 

@@ -1,5 +1,6 @@
 """The ``minicpmv-jax`` command line (the installed console script, as a user runs it)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -73,7 +74,12 @@ def test_plan_bad_mesh_is_one_line(capsys):
      "config.json file, or one of the presets ['8b', 'minicpm-v-2_6', 'minicpmv-2_6', 'openbmb/minicpm-v-2_6', "
      "'tiny']"),
     (["--mesh", "1x1x1", "--batch", "0"], "--batch 0 must be positive"),
-], ids=["minus-one", "zero", "syntax", "model", "batch"])
+    (["--mesh", "1x1x1", "--compile"], "--compile needs --prompt-len (the prompt length to compile the prefill "
+     "for)"),
+    (["--mesh", "1x1x1", "--prompt-len", "64"], "--prompt-len is the length of the compiled prefill: add --compile"),
+    (["--mesh", "1x1x1", "--model", "tiny", "--compile", "--prompt-len", "0"], "--prompt-len 0 must be an int ≥ 1"),
+], ids=["minus-one", "zero", "syntax", "model", "batch", "compile-without-length", "length-without-compile",
+        "length-zero"])
 def test_plan_errors_name_the_flags(capsys, argv, message):
     from minicpmv_jax import cli
 
@@ -103,3 +109,42 @@ def test_plan_notes_mesh_axes_that_split_nothing(capsys):
     assert "note:" not in capsys.readouterr().out
     assert cli.main(["plan", "--mesh", "1x1x1"]) == 0
     assert "(1 device);" in capsys.readouterr().out
+
+
+def test_plan_compile_prints_xla_memory_as_json(capsys):
+    """``plan --compile --json`` on the tiny preset: one JSON object with the hand-counted plan and XLA's
+    memory analysis of the compiled prefill and decode step (per device); the arguments hold at least the
+    language model's parameters (a text prefill reads no vision weight, and jit drops unused arguments),
+    the prefill's outputs at least the KV cache of T + N slots."""
+    from minicpmv_jax import cli
+    from minicpmv_jax.config import tiny
+
+    argv = ["plan", "--model", "tiny", "--mesh", "1x1x1", "--dtype", "float32", "--compile", "--prompt-len", "100",
+            "--json"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_slots"] == 128 and out["cache_slots"] == 144 and out["backend"] == "cpu"
+    llm = tiny().llm
+    kv = 2 * llm.num_hidden_layers * 144 * llm.num_key_value_heads * llm.head_dim * 4
+    for program in ("prefill", "decode"):
+        for key in ("temp_bytes", "argument_bytes", "output_bytes"):
+            assert isinstance(out[program][key], int) and out[program][key] >= 0, (program, key)
+        assert out[program]["argument_bytes"] >= out["plan"]["tower_bytes_per_device"]["llm"]
+    assert out["prefill"]["output_bytes"] >= kv and out["prefill"]["temp_bytes"] > 0
+    assert cli.main(argv[:-1]) == 0                                            # the tables
+    text = capsys.readouterr().out
+    assert "compiled on cpu (1 device), float32, attention auto: prompt 100 tokens -> 128 slots" in text
+    assert text.count("MiB") >= 6 and "prefill" in text and "decode" in text
+
+
+def test_compiled_prefill_memory_dense_grows_with_t_squared_blockwise_with_t():
+    """XLA's temporaries of the tiny model's prefill, T = 512 → 2048: the dense kernel in one pass grows
+    with T·S (its [B, N, T, S] logits), the default (blockwise, chunked) roughly with T."""
+    from minicpmv_jax.compiled_plan import compiled_memory
+
+    def temp(t, **kw):
+        return compiled_memory("tiny", prompt_len=t, dtype="float32", **kw).prefill.temp_bytes
+
+    dense = temp(2048, attention="xla", prefill_chunk=None) / temp(512, attention="xla", prefill_chunk=None)
+    default = temp(2048) / temp(512)
+    assert dense > 8 and default < 5, (dense, default)

@@ -99,6 +99,32 @@ def test_demo_model_runs_offline_and_says_so(capsys, tmp_path, monkeypatch, file
     assert code2 == 0 and out2 == out  # cached checkpoint, same seed, same answer
 
 
+def test_a_64_frame_video_chat_on_the_demo_model(capsys, tmp_path, monkeypatch):
+    """The long-context case from the command line: a 70 s clip gives 64 frames (one per second, at most
+    64), each at most 2 pieces; the demo model's prompt is then thousands of tokens, prefilled by the
+    default (blockwise) attention. The answer equals the Python API's on the same frames."""
+    from minicpmv_jax import MiniCPMV, MiniCPMVProcessor
+
+    monkeypatch.setenv("MINICPMV_JAX_CACHE", str(tmp_path / "cache"))
+    clip = write_clip(tmp_path / "long.mp4", 140, 2)
+    code, out, err = run(capsys, "chat", "--model", "demo", "--greedy", "--max-new-tokens", 4, "--video", clip,
+                         "What happens?")
+    assert code == 0, err
+    frames = load_video(clip)
+    assert len(frames) == 64
+    model = MiniCPMV.from_pretrained("demo")
+    processor = MiniCPMVProcessor.from_pretrained("demo")
+    msgs = [{"role": "user", "content": frames + ["What happens?"]}]
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "\n".join(["(<image>./</image>)"] * 64 + ["What happens?"])}],
+        add_generation_prompt=True)
+    tokens = processor([prompt], [frames], max_slice_nums=2, use_image_id=False)["input_ids"].shape[1]
+    assert tokens > 2048, tokens
+    want = model.chat(msgs=msgs, processor=processor, sampling=False, num_beams=1, max_new_tokens=4,
+                      use_image_id=False, max_slice_nums=2)
+    assert out == want + "\n"
+
+
 def test_hub_id_without_huggingface_hub_is_a_clear_error(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("MINICPMV_JAX_CACHE", str(tmp_path / "cache"))
     real_import = builtins.__import__

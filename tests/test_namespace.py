@@ -148,7 +148,7 @@ LAYERS = {
         "layers", "attention", "kv_cache"],
     "towers": ["vision", "resampler", "qwen2"],
     "model": ["model", "image_inputs"],
-    "generation": ["generate", "sampling", "beam_search", "feature_cache", "memory_plan"],
+    "generation": ["generate", "sampling", "beam_search", "feature_cache", "memory_plan", "compiled_plan"],
     "chat, training, conversion": [
         "chat", "finetune", "finetune.batching", "finetune.checkpoint", "finetune.config", "finetune.data",
         "finetune.device_batch", "finetune.export", "finetune.lora", "finetune.loss", "finetune.optim",

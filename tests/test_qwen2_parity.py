@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from minicpmv_jax import qwen2
-from minicpmv_jax.attention import causal_mask
+from minicpmv_jax.attention import Mask
 from minicpmv_jax.kv_cache import KVCache
 from minicpmv_jax import MiniCPMV
 from reference import hf_logits, hf_qwen2, rel_err
@@ -56,17 +56,28 @@ def test_left_padded_batch_matches_each_row(models):
         assert rel_err(alone[0], got[b][rows]) <= TOL
 
 
-def test_prefill_then_decode_matches_full_forward(models):
-    """Each decode step's logits equal the full forward's at that position (left-padded batch)."""
+@pytest.mark.parametrize("attention", ["xla", "auto", "blockwise", "splash", "gpu_decode"])
+def test_prefill_then_decode_matches_full_forward(models, attention):
+    """Each decode step's logits equal the full forward's (dense) at that position (left-padded batch),
+    whichever attention kernel runs the prefill and the decode steps (Pallas kernels in interpret mode
+    on CPU)."""
     ours, _ = models
     llm = ours.llm
+    try:
+        llm.attention = attention
+        _prefill_then_decode(llm)
+    finally:
+        llm.attention = "auto"
+
+
+def _prefill_then_decode(llm):
     ids, mask = _left_padded([9, 14], seed=3)
     steps = 6
     rng = np.random.default_rng(4)
     more = rng.integers(0, 151_000, (2, steps)).astype(np.int32)
     full_ids = np.concatenate([ids, more], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(more, bool)], axis=1)
-    full = np.asarray(llm(jnp.asarray(full_ids), jnp.asarray(full_mask)))
+    full = np.asarray(llm(jnp.asarray(full_ids), jnp.asarray(full_mask)))   # no cache: "xla" unless asked
 
     cache_len = full_ids.shape[1] + 3  # spare slots stay masked
     cache = KVCache.zeros(llm.config, 2, cache_len, jnp.float32)
@@ -75,7 +86,7 @@ def test_prefill_then_decode_matches_full_forward(models):
     positions = qwen2.positions_from_mask(jnp.asarray(full_mask))
     t0 = ids.shape[1]
     hidden, cache = llm.hidden_states(llm.embed(jnp.asarray(ids)), positions[:, :t0],
-                                      causal_mask(jnp.asarray(key_valid), 0, t0), cache, 0)
+                                      Mask(jnp.asarray(key_valid), 0), cache, 0)
     prefill_logits = np.asarray(llm.logits(hidden))
     for b in range(2):
         assert rel_err(prefill_logits[b][mask[b]], full[b, :t0][mask[b]]) <= TOL
@@ -83,7 +94,7 @@ def test_prefill_then_decode_matches_full_forward(models):
         i = t0 + s
         key_valid[:, i] = True
         hidden, cache = llm.hidden_states(llm.embed(jnp.asarray(full_ids[:, i:i + 1])), positions[:, i:i + 1],
-                                          causal_mask(jnp.asarray(key_valid), i, 1), cache,
+                                          Mask(jnp.asarray(key_valid), jnp.int32(i)), cache,
                                           jnp.int32(i))
         assert rel_err(np.asarray(llm.logits(hidden))[:, 0], full[:, i]) <= TOL
 

@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                 decode_prompt=args.decode_prompt or (128 if small else 1024),
                 prefill_tokens=args.prefill_tokens or (256 if small else 2048),
                 image_size=args.image_size or (896 if small else 1344), repeats=args.repeats or (2 if small else 3),
-                max_measure_s=args.max_measure_s, copy_mib=64 if small else 4096, seed=args.seed)
+                max_measure_s=args.max_measure_s, copy_mib=64 if small else 4096, seed=args.seed,
+                long_lengths=(256, 1024) if small else (4096, 16384), video_frames=8 if small else 64,
+                video_frame=(448, 252) if small else (896, 504))
     if plan.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (a decode step is (t(N) - t(1)) / (N - 1))")
     if min(plan.batches) < 1 or plan.repeats < 1 or plan.image_size < 14:

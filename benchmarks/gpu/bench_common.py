@@ -35,6 +35,9 @@ class Plan:
     max_measure_s: float
     copy_mib: int
     seed: int
+    long_lengths: tuple[int, ...] = (4096, 16384)    # JAX only: prefill per attention kernel
+    video_frames: int = 64                           # JAX only: TTFT of a video of this many frames
+    video_frame: tuple[int, int] = (896, 504)        # (width, height): 16:9, 3 pieces at max_slice_nums=2
 
 
 def model_config(small: bool):
@@ -80,6 +83,33 @@ def image_prompt(grid, num_queries: int, vocab_size: int, seed: int):
                 piece()
     text(24)
     return np.asarray(ids, np.int32), np.asarray(bounds, np.int64)
+
+
+def video_prompt(grid, num_frames: int, num_queries: int, vocab_size: int, seed: int):
+    """Token ids [T] and placeholder spans [n, 2] of a video chat prompt: per frame (``\n`` between frames)
+    ``<image>`` + Q + ``</image>`` and its slices as in :func:`image_prompt`, no image ids (the video
+    recipe), then a 24-id question and the assistant prefix."""
+    import numpy as np
+
+    one_ids, one_bounds = image_prompt(grid, num_queries, vocab_size, seed)
+    body = one_ids[5:-24]                                   # one frame's pieces, without prefix and question
+    rng = np.random.default_rng(seed)
+    ids, bounds = list(rng.integers(0, vocab_size, 3)), []
+    for f in range(num_frames):
+        if f:
+            ids.append(int(rng.integers(0, vocab_size)))
+        bounds += [(a - 5 + len(ids), b - 5 + len(ids)) for a, b in one_bounds]
+        ids += body.tolist()
+    ids += rng.integers(0, vocab_size, 24).tolist()
+    return np.asarray(ids, np.int32), np.asarray(bounds, np.int64)
+
+
+def random_frame(width: int, height: int, seed: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
 
 
 def random_image(side: int, seed: int):

@@ -10,7 +10,7 @@ import time
 
 from bench_common import (GB, PREFILL_EXTRA_SLOTS, Plan, Recorder, decode_result, host_peak_bytes,
                           image_prompt, kv_bytes_per_token, measure, measure_pair, model_config, proc_pixels,
-                          random_image, stop_ids)
+                          random_frame, random_image, stop_ids, video_prompt)
 
 
 def random_model(cfg, seed: int):
@@ -176,6 +176,58 @@ def run_jax(plan: Plan, rec: Recorder) -> None:
         rec.res["first_call_s"]["prefill"] = m["first_s"]
         res["prefill"] = {**m, "tokens": t, "tok_s": t / m["median_s"]}
 
+    def long_prefill():
+        """Prefill time per attention kernel at long prompts: "xla" (dense [B, N, T, S] logits, one pass,
+        what the code did before the blockwise kernel) and "auto" (cuDNN on this GPU for bfloat16); an
+        out-of-memory is recorded, not fatal."""
+        model = state["model"]
+        config = GenerationConfig(max_new_tokens=1)
+        rows = {}
+        for t in plan.long_lengths:
+            ids = jax.random.randint(jax.random.key(plan.seed + t), (1, t), 0, cfg.llm.vocab_size, jnp.int32)
+            prepared = gen.PreparedBatch(ids, jnp.ones((1, t), bool), jnp.ones((1,), bool), batch_size=1)
+            for attention, chunk in (("xla", None), ("auto", gen.PREFILL_CHUNK)):
+                model.llm.attention = attention
+                try:
+                    m = measure(lambda: jax.block_until_ready(
+                        gen.prefill(model, prepared, config, num_new=PREFILL_EXTRA_SLOTS, prefill_chunk=chunk).logits),
+                        plan)
+                    rows[f"{attention}_T{t}"] = {**m, "tokens": t, "tok_s": t / m["median_s"]}
+                except Exception as e:  # noqa: BLE001 (an OOM at 16k with the dense kernel is a result)
+                    rows[f"{attention}_T{t}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                print(f"  long prefill {attention} T={t}: {rows[f'{attention}_T{t}']}", flush=True)
+        model.llm.attention = "auto"
+        res["long_prefill"] = rows
+
+    def video_ttft():
+        """A {plan.video_frames}-frame video's TTFT: every frame's pieces encoded (feature cache emptied
+        before each call), the prompt prefilled, the first token on the host."""
+        from minicpmv_jax import feature_cache
+
+        model = state["model"]
+        width, height = plan.video_frame
+        frames = [random_frame(width, height, plan.seed + i) for i in range(plan.video_frames)]
+        procs = [preprocess_image(f, 2, sl.scale_resolution, sl.patch_size) for f in frames]
+        ids, bounds = video_prompt(procs[0].grid, plan.video_frames, cfg.resampler.num_queries,
+                                   cfg.llm.vocab_size, plan.seed)
+        pieces = [p for proc in procs for p in proc.pixel_values]
+        if len(pieces) != len(bounds):
+            raise AssertionError(f"{len(pieces)} pieces for {len(bounds)} spans")
+        batch = {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), bool), "image_bound": [bounds],
+                 "pixel_values": [pieces]}
+        config1 = GenerationConfig(max_new_tokens=1, min_new_tokens=1)
+
+        def once():
+            feature_cache._FEATURE_CACHES.pop(model, None)
+            prepared = gen.prepare_batch(model, batch)
+            out = gen.generate(model, prepared, config1, stops, num_new=n)
+            int(np.asarray(out.tokens)[0, 0])
+            state["video_tokens"] = int(prepared.ids.shape[1])
+
+        m = measure(once, plan)
+        res["video_ttft"] = {**m, "frames": plan.video_frames, "pieces": len(pieces), "prompt_tokens": len(ids),
+                             "padded_tokens": state["video_tokens"]}
+
     rec.phase("setup", setup, peak)
     if "model" not in state:
         return
@@ -187,6 +239,8 @@ def run_jax(plan: Plan, rec: Recorder) -> None:
     for b in plan.batches:
         if b != 1:
             rec.phase(f"decode_b{b}", lambda b=b: decode(b), peak)
+    rec.phase("video_ttft", video_ttft, peak)
+    rec.phase("long_prefill", long_prefill, peak)
     res["peak_mem_bytes"] = peak()
 
 

@@ -96,6 +96,15 @@ def render(plan: Plan, meta: dict, jx: dict, th: dict, der: dict) -> tuple[str, 
                      cell(r["jax_step_ms"], r["jax_tok_s"]), cell(r["torch_step_ms"], r["torch_tok_s"]),
                      _fmt(r.get("speedup"), ".2f", "×"), _fmt(r.get("floor_ms"), ".2f", " ms"),
                      _fmt(r.get("floor_fraction") and r["floor_fraction"] * 100, ".0f", " %")))
+    video = jx.get("video_ttft")
+    if video:
+        rows.append((f"time to first token, {video['frames']}-frame video ({video['pieces']} pieces, "
+                     f"{video['prompt_tokens']}-token prompt run as {video['padded_tokens']})",
+                     _fmt(video["median_s"] * 1e3, ".0f", " ms"), "—", "—", "—", "—"))
+    for key, r in (jx.get("long_prefill") or {}).items():
+        attention, t = key.rsplit("_T", 1)
+        cell = r.get("error", "")[:60] if "error" in r else f"{r['median_s'] * 1e3:.0f} ms ({r['tok_s'] / 1e3:.1f} k tok/s)"
+        rows.append((f"prefill {t} tokens, attention {attention!r}", cell, "—", "—", "—", "—"))
     jm, tm = jx.get("peak_mem_bytes"), th.get("peak_mem_bytes")
     rows.append(("peak GPU memory" if jx.get("platform") != "cpu" else "peak memory (host RSS: CPU run)",
                  _fmt(jm and jm / GB, ".1f", " GB"), _fmt(tm and tm / GB, ".1f", " GB"), "—", "—", "—"))

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (single H100/H200, offline image with CUDA, JAX, PyTorch, transformers):
 #   1. benchmarks/gpu/bench.py: MiniCPM-V 2.6 at full size, JAX vs the PyTorch reference (TTFT, vision,
-#      prefill, decode at batch 1/8/32, peak memory, HBM floor), at most BENCH_BUDGET seconds;
-#   2. the test suite on the GPU with float32 matmuls at full precision, in the time left of RUN_BUDGET,
+#      prefill, decode at batch 1/8/32, peak memory, HBM floor; JAX only: a 64-frame video's TTFT and
+#      long prefills at 4k / 16k tokens per attention kernel, dense "xla" vs "auto"), at most BENCH_BUDGET s;
+#   2. the test suite on the GPU with float32 matmuls at full precision, in the time left of RUN_BUDGET
+#      (the attention kernels' tests first: cuDNN and the Pallas GPU decode kernel run natively there),
 #      the tests that exercise GPU numerics first (it is usually cut by the budget: see tests.log).
 # RUN_BUDGET (default 400 s) is this script's wall time; with the machine's start (1–2 min) ≈ 8 min of
 # device time. Give the device call a timeout of RUN_BUDGET + 60 s.
@@ -50,7 +52,7 @@ if [ "${SKIP_TESTS:-0}" = 1 ] || [ "$left" -lt 30 ]; then
 fi
 # GPU numerics first; the CLI tests need the installed console script, the small benchmark test has just
 # been superseded by the full-size run.
-FIRST="tests/test_qwen2_parity.py tests/test_model_parity.py tests/test_vision.py tests/test_resampler.py tests/test_generate.py"
+FIRST="tests/test_attention.py tests/test_qwen2_parity.py tests/test_model_parity.py tests/test_vision.py tests/test_resampler.py tests/test_generate.py"
 REST=$(ls tests/test_*.py | grep -v -x -F -e tests/test_cli.py -e tests/test_gpu_bench_small.py $(printf -- '-e %s ' $FIRST))
 echo "=== tests on the GPU, ${left} s"
 JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$left" \
