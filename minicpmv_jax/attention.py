@@ -72,9 +72,10 @@ class Mask:
 
     Attributes:
       key_valid: ``[B, S]`` bool, the slots that hold real keys; None: every slot.
-      causal_offset: None (every query sees every valid key: the encoders), or the slot of query 0
-        (``[]`` int, or a Python int): query t sees the slots s ≤ causal_offset + t (the decoder; 0 for a
-        prefill or a full forward, the write index for a decode step).
+      causal_offset: None (every query sees every valid key: the encoders), or the slot of query 0: query
+        t sees the slots s ≤ causal_offset + t (the decoder; 0 for a prefill or a full forward, the write
+        index for a decode step). A Python int, a ``[]`` int array, or ``[B]`` for one offset per row
+        (rows at different positions, as the decode slots of a serving engine are).
     """
 
     key_valid: jax.Array | None = None
@@ -91,10 +92,17 @@ class Mask:
 
 def causal_mask(key_valid: jax.Array, write_index: jax.Array, num_queries: int) -> jax.Array:
     """Causal mask ``[B, T, S]`` for ``T = num_queries`` queries written at slots ``[write_index,
-    write_index + T)``: query t sees the slots s ≤ write_index + t that ``key_valid [B, S]`` marks real."""
-    s = jnp.arange(key_valid.shape[-1])[None, :]
-    q = jnp.asarray(write_index, jnp.int32) + jnp.arange(num_queries)[:, None]
-    return (s <= q)[None] & key_valid[:, None, :].astype(bool)
+    write_index + T)``: query t sees the slots s ≤ write_index + t that ``key_valid [B, S]`` marks real.
+    ``write_index`` is one slot (``[]``) or one per row (``[B]``)."""
+    s = jnp.arange(key_valid.shape[-1])
+    q = _query_slots(write_index, num_queries, key_valid.shape[0])                      # [B, T]
+    return (s[None, None, :] <= q[:, :, None]) & key_valid[:, None, :].astype(bool)
+
+
+def _query_slots(offset, num_queries: int, batch: int) -> jax.Array:
+    """Slot of every query, ``[B, T]``: ``offset + t`` with ``offset`` one slot or one per row."""
+    offset = jnp.asarray(offset, jnp.int32)
+    return jnp.broadcast_to(offset.reshape(-1, 1), (batch, 1)) + jnp.arange(num_queries, dtype=jnp.int32)[None, :]
 
 
 def key_mask(key_valid: jax.Array | None) -> jax.Array | None:
@@ -267,14 +275,15 @@ def _attention_blockwise(q, k, v, mask: Mask | None, scale: float, block_q: int 
 
     def query_block(args):
         i, qi = args
-        q_slot = i * bq + jnp.arange(bq) + (0 if offset is None else offset)              # [bq]
+        q_slot = i * bq + _query_slots(0 if offset is None else offset, bq, b)             # [B, bq]
 
         def key_block(j, carry):
             m, l, acc = carry
             logits = jnp.einsum("BKGtH,BKsH->BKGts", qi, kb[j], preferred_element_type=jnp.float32) * scale
             seen = valid_b[j][:, None, None, None, :]                                      # [B, 1, 1, 1, bk]
             if offset is not None:
-                seen = seen & ((j * bk + jnp.arange(bk))[None, :] <= q_slot[:, None])     # [bq, bk]
+                k_slot = j * bk + jnp.arange(bk)
+                seen = seen & (k_slot[None, None, None, None, :] <= q_slot[:, None, None, :, None])
             logits = jnp.where(seen, logits, MASK_VALUE)
             m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
             p = jnp.exp(logits - m_new[..., None])
@@ -286,7 +295,7 @@ def _attention_blockwise(q, k, v, mask: Mask | None, scale: float, block_q: int 
 
         init = (jnp.full(stats, MASK_VALUE, jnp.float32), jnp.zeros(stats, jnp.float32),
                 jnp.zeros((*stats, h), jnp.float32))
-        stop = num_kv if offset is None else jnp.clip((q_slot[-1] // bk) + 1, 0, num_kv)
+        stop = num_kv if offset is None else jnp.clip(jnp.max(q_slot[:, -1]) // bk + 1, 0, num_kv)
         _, l, acc = jax.lax.fori_loop(0, stop, key_block, init)
         return (acc / l[..., None]).astype(v.dtype)
 

@@ -48,10 +48,15 @@ class KVCache:
 
 
 def write(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
-    """Writes ``update [B, T, K, H]`` into ``buffer [B, S, K, H]`` at slots ``[index, index + T)``."""
+    """Writes ``update [B, T, K, H]`` into ``buffer [B, S, K, H]`` at slots ``[index, index + T)``;
+    ``index`` is one slot for every row (``[]``) or one per row (``[B]``)."""
     zero = jnp.zeros((), jnp.int32)
-    return jax.lax.dynamic_update_slice(buffer, update.astype(buffer.dtype),
-                                        (zero, jnp.asarray(index, jnp.int32), zero, zero))
+    index = jnp.asarray(index, jnp.int32)
+    update = update.astype(buffer.dtype)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(buffer, update, (zero, index, zero, zero))
+    return jax.vmap(lambda row, new, i: jax.lax.dynamic_update_slice(row, new, (i, zero, zero)))(
+        buffer, update, index)
 
 
 def shardings(cache: KVCache, mesh: Mesh, rules: sharding.Rules = sharding.RULES) -> KVCache:

@@ -302,3 +302,26 @@ def test_explicit_choices_and_bad_names():
         resolve("flash", num_queries=1, cached=True, dtype="float32")
     with pytest.raises(ValueError, match="attention kernel must be one of"):
         attention(*_qkv(0, 1, 2, 2, 2, 2, 4), None, implementation="auto")
+
+
+def test_one_causal_offset_per_row_equals_each_row_alone():
+    """Rows at different positions (decode slots of different requests): a ``[B]`` causal offset gives
+    each row what a call with its own scalar offset gives, with the dense, blockwise and GPU decode
+    kernels; the KV cache is written at each row's own slot."""
+    from minicpmv_jax import kv_cache
+
+    b, s, n, kv_heads, h = 3, 96, 4, 2, 8
+    for t, kernels in ((5, ("xla", "blockwise")), (1, ("xla", "blockwise", "gpu_decode"))):
+        q, k, v = _qkv(11, b, t, s, n, kv_heads, h)
+        offsets = jnp.asarray([0, 40, 90 - t], jnp.int32)
+        key_valid = jnp.asarray(np.arange(s)[None] <= np.asarray(offsets)[:, None] + t - 1)
+        for kernel in kernels:
+            got = np.asarray(attention(q, k, v, Mask(key_valid, offsets), implementation=kernel))
+            for r in range(b):
+                alone = attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], Mask(key_valid[r:r + 1], offsets[r]))
+                np.testing.assert_allclose(got[r], np.asarray(alone)[0], rtol=1e-5, atol=1e-5, err_msg=kernel)
+    buffer = jnp.zeros((b, s, kv_heads, h))
+    new = jnp.ones((b, 2, kv_heads, h)) * jnp.arange(1, b + 1, dtype=jnp.float32)[:, None, None, None]
+    written = np.asarray(kv_cache.write(buffer, new, jnp.asarray([0, 40, 94])))
+    for r, at in enumerate((0, 40, 94)):
+        assert (written[r, at:at + 2] == r + 1).all() and written[r].sum() == (r + 1) * 2 * kv_heads * h
