@@ -106,11 +106,12 @@ def _stream(model, prepared: gen.PreparedBatch, config: GenerationConfig, stop_i
             tokenizer) -> Iterator[str]:
     """Yields text pieces as tokens arrive; their concatenation is the non-streamed answer."""
     state = gen.prefill(model, prepared, config)
+    step_once = gen.DecodeStepper(model, config, stop_ids)
     decoder = tokenizer.stream_decoder()
     strip = _StripStream()
     while True:
         step = int(state.step)
-        state = gen.decode_step(model, state, config, stop_ids)
+        state = step_once(state)
         token = int(fetch(state.tokens[:, step])[0])
         finished = bool(fetch(state.done)[0])
         if not (finished and token in stop_ids):

@@ -53,7 +53,7 @@ from minicpmv_jax.kv_cache import KVCache
 from minicpmv_jax.qwen2 import positions_from_mask
 
 __all__ = ["PreparedBatch", "prepare_batch", "DecodeState", "GenerationOutput", "generate", "prefill",
-           "decode_step", "sampling_params", "output_length"]
+           "decode_step", "DecodeStepper", "sampling_params", "output_length"]
 
 
 @struct.dataclass
@@ -398,10 +398,28 @@ def prefill(model, prompt: PreparedBatch, config: GenerationConfig, *, num_new: 
 
 
 def decode_step(model, state: DecodeState, config: GenerationConfig, stop_ids: Sequence[int]) -> DecodeState:
-    """One token per row (the same maths as one iteration of :func:`generate`'s loop); ``state`` is donated."""
-    _check(config)
-    _one_by_one(config)
-    graphdef, params_state = nnx.split(model)
-    return _step_jit(graphdef, params_state, state, sampling_params(config), jnp.asarray(tuple(stop_ids), jnp.int32),
-                     jnp.asarray(config.max_new_tokens, jnp.int32), do_sample=config.do_sample,
-                     context=sharding.context_for(model.mesh))
+    """One token per row (the same maths as one iteration of :func:`generate`'s loop); ``state`` is donated.
+    A loop of steps should hold a :class:`DecodeStepper` instead, which prepares its arguments once."""
+    return DecodeStepper(model, config, stop_ids)(state)
+
+
+class DecodeStepper:
+    """:func:`decode_step` for one model, config and stop ids, its per-call work done once.
+
+    ``nnx.split`` of the model (≈ 30 ms for a 24-layer Qwen2-0.5B-shaped model on CPU, paid by every call
+    otherwise), the sampling parameters, stop ids and token budget as device arrays, and the sharding
+    context are prepared at construction; a call only dispatches the compiled step. The split holds the
+    model's arrays as they are now: make a new stepper after changing the model's parameters.
+    """
+
+    def __init__(self, model, config: GenerationConfig, stop_ids: Sequence[int]):
+        _check(config)
+        _one_by_one(config)
+        self._graphdef, self._params = nnx.split(model)
+        self._args = (sampling_params(config), jnp.asarray(tuple(stop_ids), jnp.int32),
+                      jnp.asarray(config.max_new_tokens, jnp.int32))
+        self._static = dict(do_sample=config.do_sample, context=sharding.context_for(model.mesh))
+
+    def __call__(self, state: DecodeState) -> DecodeState:
+        """The next state (``state`` is donated)."""
+        return _step_jit(self._graphdef, self._params, state, *self._args, **self._static)
