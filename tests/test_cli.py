@@ -148,3 +148,19 @@ def test_compiled_prefill_memory_dense_grows_with_t_squared_blockwise_with_t():
     dense = temp(2048, attention="xla", prefill_chunk=None) / temp(512, attention="xla", prefill_chunk=None)
     default = temp(2048) / temp(512)
     assert dense > 8 and default < 5, (dense, default)
+
+
+def test_plan_compile_on_a_mesh_of_this_process_devices(capsys):
+    """``--compile`` with ``--mesh 1x2x4`` compiles for the 8 (simulated) devices: the parameters split
+    over fsdp × tensor, each device's arguments well under a quarter of one device's."""
+    from minicpmv_jax import cli
+
+    base = ["plan", "--model", "tiny", "--dtype", "float32", "--batch", "8", "--compile", "--prompt-len", "100",
+            "--json"]
+    assert cli.main([*base, "--mesh", "1x1x1"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert cli.main([*base, "--mesh", "1x2x4"]) == 0
+    eight = json.loads(capsys.readouterr().out)
+    assert one["devices"] == 1 and eight["devices"] == 8
+    assert eight["prefill"]["argument_bytes"] < one["prefill"]["argument_bytes"] / 4
+    assert eight["plan"]["param_bytes_per_device"] < one["plan"]["param_bytes_per_device"] / 4
