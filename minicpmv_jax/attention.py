@@ -255,23 +255,29 @@ def _attention_blockwise(q, k, v, mask: Mask | None, scale: float, block_q: int 
     running maximum ``m`` and denominator ``l`` ``[B, K, G, bq]`` and the unnormalised output ``acc``
     ``[B, K, G, bq, H]`` (float32), rescaled by ``exp(m_old − m_new)`` when the maximum grows. With a
     causal mask the loop stops at the last key block that holds a slot ≤ the block's last query slot.
-    T and S are padded up to whole blocks (padded keys invalid, padded queries dropped).
+    T is padded up to whole query blocks (padded queries dropped); the keys are read in place, the last
+    block overlapping the one before it with the overlap masked.
     """
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     bq, bk = min(block_q, t), min(block_kv, s)
-    tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
+    tp = -(-t // bq) * bq
     key_valid = jnp.ones((b, s), bool) if mask is None or mask.key_valid is None else mask.key_valid.astype(bool)
     offset = None if mask is None else mask.causal_offset
-    q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
-    k, v = (jnp.pad(x, ((0, 0), (0, sp - s), (0, 0), (0, 0))) for x in (k, v))
-    key_valid = jnp.pad(key_valid, ((0, 0), (0, sp - s)))
-    num_kv = sp // bk
+    q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))                                  # queries: O(T), cheap
+    num_kv = -(-s // bk)
     qb = rearrange(q, "B (I t) (K G) H -> I B K G t H", t=bq, K=kv_heads)                 # per query block
-    kb = rearrange(k, "B (J s) K H -> J B K s H", s=bk)                                    # per key block
-    vb = rearrange(v, "B (J s) K H -> J B K s H", s=bk)
-    valid_b = rearrange(key_valid, "B (J s) -> J B s", s=bk)
     stats = qb.shape[1:5]                                                                  # [B, K, G, bq]
+
+    def keys(j):
+        """Key block j read in place (no padded copy of the cache): the last block starts at S − bk, and
+        its slots before j·bk, which the previous block counted, are masked."""
+        start = jnp.minimum(j * bk, s - bk)
+        k_j = rearrange(jax.lax.dynamic_slice_in_dim(k, start, bk, axis=1), "B s K H -> B K s H")
+        v_j = rearrange(jax.lax.dynamic_slice_in_dim(v, start, bk, axis=1), "B s K H -> B K s H")
+        slot = start + jnp.arange(bk)
+        fresh = jax.lax.dynamic_slice_in_dim(key_valid, start, bk, axis=1) & (slot >= j * bk)[None, :]
+        return k_j, v_j, slot, fresh
 
     def query_block(args):
         i, qi = args
@@ -279,17 +285,17 @@ def _attention_blockwise(q, k, v, mask: Mask | None, scale: float, block_q: int 
 
         def key_block(j, carry):
             m, l, acc = carry
-            logits = jnp.einsum("BKGtH,BKsH->BKGts", qi, kb[j], preferred_element_type=jnp.float32) * scale
-            seen = valid_b[j][:, None, None, None, :]                                      # [B, 1, 1, 1, bk]
+            k_j, v_j, k_slot, fresh = keys(j)
+            logits = jnp.einsum("BKGtH,BKsH->BKGts", qi, k_j, preferred_element_type=jnp.float32) * scale
+            seen = fresh[:, None, None, None, :]                                           # [B, 1, 1, 1, bk]
             if offset is not None:
-                k_slot = j * bk + jnp.arange(bk)
                 seen = seen & (k_slot[None, None, None, None, :] <= q_slot[:, None, None, :, None])
             logits = jnp.where(seen, logits, MASK_VALUE)
             m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
             p = jnp.exp(logits - m_new[..., None])
             rescale = jnp.exp(m - m_new)
             l = rescale * l + jnp.sum(p, axis=-1)
-            acc = rescale[..., None] * acc + jnp.einsum("BKGts,BKsH->BKGtH", p.astype(v.dtype), vb[j],
+            acc = rescale[..., None] * acc + jnp.einsum("BKGts,BKsH->BKGtH", p.astype(v.dtype), v_j,
                                                         preferred_element_type=jnp.float32)
             return m_new, l, acc
 
@@ -323,7 +329,13 @@ def _prompt_keys(k, v, mask: Mask | None, t: int, kernel: str):
 
 def _attention_dot_product(q, k, v, mask: Mask | None, scale: float, implementation: str | None):
     """``jax.nn.dot_product_attention`` (``implementation="cudnn"`` on GPU; None / ``"xla"`` runs the same
-    call on any backend, which is how its masks are tested on CPU). GQA as the function takes it."""
+    call on any backend, which is how its masks are tested on CPU). GQA as the function takes it.
+
+    cuDNN takes padding only as sequence lengths (valid tokens first), and its causal mask is aligned
+    top-left. A prefill's left-padded rows are therefore rotated so that each row's valid tokens come
+    first (attention sees only their order: RoPE is already applied), run with per-row lengths and
+    ``is_causal``, and rotated back; the padding rows' outputs are garbage, as everywhere. A
+    bidirectional key mask is passed whole, ``[B, 1, T, S]`` (cuDNN's bias needs the query length)."""
     if implementation == "cudnn":
         if jax.default_backend() != "gpu":
             raise ValueError(f"attention 'cudnn' needs a GPU; this backend is {jax.default_backend()} "
@@ -332,9 +344,21 @@ def _attention_dot_product(q, k, v, mask: Mask | None, scale: float, implementat
             raise ValueError(f"attention 'cudnn' takes bfloat16 or float16, got {q.dtype} (load the model "
                              "with dtype='bfloat16', or use 'blockwise')")
     k, v, key_valid, causal = _prompt_keys(k, v, mask, q.shape[1], "cudnn")
-    dense = None if key_valid is None else key_valid[:, None, None, :].astype(bool)      # [B, 1, 1, S]
-    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=dense, scale=scale,
-                                        is_causal=causal, implementation=implementation).astype(v.dtype)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if key_valid is None:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                            implementation=implementation).astype(v.dtype)
+    if not causal:   # any key mask, as cuDNN takes it: full [B, 1, T, S] (the encoders' lengths are short)
+        dense = jnp.broadcast_to(key_valid[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1]))
+        return jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale,
+                                            implementation=implementation).astype(v.dtype)
+    lengths = jnp.sum(key_valid, axis=1, dtype=jnp.int32)                                # [B]
+    pad = q.shape[1] - lengths                                                           # left padding per row
+    rotate = jax.vmap(lambda x, shift: jnp.roll(x, shift, axis=0))
+    q, k, v = (rotate(x, -pad) for x in (q, k, v))                                       # valid tokens first
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths,
+                                       key_value_seq_lengths=lengths, implementation=implementation)
+    return rotate(out, pad).astype(v.dtype)
 
 
 def _attention_splash(q, k, v, mask: Mask | None, scale: float):
@@ -380,6 +404,14 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+def _largest_power_of_two_dividing(n: int, cap: int) -> int:
+    """The largest power of two ≤ ``cap`` that divides ``n``."""
+    size = 1
+    while size * 2 <= cap and n % (size * 2) == 0:
+        size *= 2
+    return size
+
+
 def _splash_block(length: int) -> int:
     """The largest of 512, 256, 128 that divides ``length`` (a multiple of 128)."""
     return next(size for size in (512, 256, _LANES) if length % size == 0)
@@ -397,8 +429,13 @@ def _attention_gpu_decode(q, k, v, mask: Mask | None, scale: float):
     b, s = mask.key_valid.shape
     start = jnp.argmax(mask.key_valid, axis=1).astype(jnp.int32)                           # first valid slot
     end = jnp.broadcast_to(jnp.asarray(mask.causal_offset, jnp.int32) + 1, (b,))
-    block_k = min(128, s)
+    if s % 16:   # Triton's blocks are powers of two ≥ 16: pad the slots (past `end`, never read)
+        extra = _round_up(s, 16) - s
+        k, v = (jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) for x in (k, v))
+        s += extra
+    block_k = _largest_power_of_two_dividing(s, 128)
+    k_splits = _largest_power_of_two_dividing(s // block_k, 16)
     out = decode_attention.gqa(q[:, 0], k.astype(q.dtype), v.astype(q.dtype), start_idx=start, kv_seq_len=end,
-                               sm_scale=scale, block_k=block_k, k_splits=max(1, min(16, s // block_k)),
+                               sm_scale=scale, block_k=block_k, k_splits=k_splits,
                                interpret=jax.default_backend() != "gpu")
     return out[:, None].astype(v.dtype)

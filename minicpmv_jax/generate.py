@@ -409,7 +409,8 @@ class DecodeStepper:
     ``nnx.split`` of the model (≈ 30 ms for a 24-layer Qwen2-0.5B-shaped model on CPU, paid by every call
     otherwise), the sampling parameters, stop ids and token budget as device arrays, and the sharding
     context are prepared at construction; a call only dispatches the compiled step. The split holds the
-    model's arrays as they are now: make a new stepper after changing the model's parameters.
+    model as it is now — its arrays and its static attributes such as ``llm.attention``: make a new
+    stepper after changing either.
     """
 
     def __init__(self, model, config: GenerationConfig, stop_ids: Sequence[int]):

@@ -172,7 +172,7 @@ class Qwen2(nnx.Module):
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             if self.remat and cache is None:
-                x = _remat_layer(layer, x, positions, mask, kernel)
+                x = _remat_layer(layer, x, positions, mask.key_valid, kernel, mask.causal_offset)
             else:
                 kv = (cache.k[i], cache.v[i]) if cache is not None else None
                 x, (k, v) = layer(x, positions, mask, kv, write_index, kernel)
@@ -206,7 +206,10 @@ def _constrain_residual(x: jax.Array) -> jax.Array:
     return sharding.constrain(x, sharding.RESIDUAL_AXES)
 
 
-@functools.partial(nnx.remat, static_argnums=(4,))
-def _remat_layer(layer: DecoderLayer, x: jax.Array, positions: jax.Array, mask: Mask, kernel: str) -> jax.Array:
-    """One decoder layer without a cache, recomputed in the backward pass (``Qwen2.remat``)."""
-    return layer(x, positions, mask, None, None, kernel)[0]
+@functools.partial(nnx.remat, static_argnums=(4, 5))
+def _remat_layer(layer: DecoderLayer, x: jax.Array, positions: jax.Array, key_valid: jax.Array, kernel: str,
+                 causal_offset: int) -> jax.Array:
+    """One decoder layer without a cache, recomputed in the backward pass (``Qwen2.remat``). The causal
+    offset (0: a full forward) stays a static Python int, so the kernels that need a prefill from slot 0
+    still see one."""
+    return layer(x, positions, Mask(key_valid, causal_offset), None, None, kernel)[0]

@@ -224,16 +224,20 @@ def test_splash_kernel_in_interpret_mode_equals_the_dense_kernel(causal):
     np.testing.assert_allclose(got[rows], want[rows], rtol=1e-5, atol=1e-5)
 
 
-def test_gpu_decode_kernel_in_interpret_mode_reads_only_the_valid_run():
-    """The Pallas GPU decode kernel, run by the Pallas interpreter on CPU: one query per row at slot 60
-    of 128, row 0's prompt left-padded by 7; noise in the slots after the query changes nothing."""
-    q, k, v = _qkv(8, 2, 1, 128, 8, 2, 16)
-    key_valid = np.zeros((2, 128), bool)
-    key_valid[:, :61] = True
+@pytest.mark.parametrize("slots", [128, 1088, 80, 23])
+def test_gpu_decode_kernel_in_interpret_mode_reads_only_the_valid_run(slots):
+    """The Pallas GPU decode kernel, run by the Pallas interpreter on CPU: one query per row at slot
+    ``slots // 2``, row 0's prompt left-padded by 7; noise in the slots after the query changes nothing.
+    Cache lengths as generation makes them (T + N: 1088 = 1024 + 64, 80) and an odd one: the kernel's
+    blocks must divide the slots (powers of two, as Triton needs)."""
+    at = slots // 2
+    q, k, v = _qkv(8, 2, 1, slots, 8, 2, 16)
+    key_valid = np.zeros((2, slots), bool)
+    key_valid[:, :at + 1] = True
     key_valid[0, :7] = False
-    mask = Mask(jnp.asarray(key_valid), jnp.int32(60))
+    mask = Mask(jnp.asarray(key_valid), jnp.int32(at))
     want = np.asarray(attention(q, k, v, mask))
-    got = np.asarray(attention(q, k.at[:, 61:].set(50.0), v, mask, implementation="gpu_decode"))
+    got = np.asarray(attention(q, k.at[:, at + 1:].set(50.0), v, mask, implementation="gpu_decode"))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one query per row"):
         attention(*_qkv(8, 2, 2, 128, 8, 2, 16), mask, implementation="gpu_decode")

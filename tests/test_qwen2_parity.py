@@ -156,3 +156,19 @@ def test_processor_to_logits_end_to_end(tiny_checkpoint, models):
     got = np.asarray(ours.compute_logits(batch))
     want = hf_logits(ref, ids, mask)
     assert rel_err(got[mask], want[mask]) <= TOL
+
+
+def test_remat_keeps_a_full_forward_from_slot_zero_for_the_prefill_kernels(models):
+    """With ``remat`` (fine-tuning) the causal offset of a full forward stays a static 0 through
+    ``nnx.remat``, so a kernel that needs a prefill from slot 0 (splash, in interpret mode here) runs
+    and gives the dense kernel's logits."""
+    ours, _ = models
+    llm = ours.llm
+    ids, mask = _left_padded([9, 14], seed=5)
+    want = np.asarray(llm(jnp.asarray(ids), jnp.asarray(mask)))
+    try:
+        llm.remat, llm.attention = True, "splash"
+        got = np.asarray(llm(jnp.asarray(ids), jnp.asarray(mask)))
+    finally:
+        llm.remat, llm.attention = False, "auto"
+    assert rel_err(got[mask], want[mask]) <= TOL
