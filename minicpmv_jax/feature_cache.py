@@ -20,12 +20,16 @@ import numpy as np
 
 from minicpmv_jax.image_inputs import pack_for_encoder
 
-__all__ = ["FEATURE_CACHE_SIZE", "FeatureCacheStats", "feature_cache_stats", "encode_pieces"]
+__all__ = ["FEATURE_CACHE_SIZE", "ENCODE_GROUP", "FeatureCacheStats", "feature_cache_stats", "encode_pieces"]
 
 # Per model: piece digest → features [Q, D] on device (LRU). Kept outside the NNX module so that the
 # module's state stays parameters only.
 _FEATURE_CACHES: "weakref.WeakKeyDictionary[Any, collections.OrderedDict]" = weakref.WeakKeyDictionary()
 FEATURE_CACHE_SIZE = 256  # pieces (a 1344² image is 10)
+#: New pieces are encoded this many at a time: a 64-frame video brings ~192, and the encoder's dense
+#: attention over a batch of them ([pieces, heads, 1024, 1024] float32 on an accelerator) would take tens
+#: of GB at once. Every group but the last has this size, so groups share one compiled program.
+ENCODE_GROUP = 32
 
 
 @dataclasses.dataclass
@@ -57,12 +61,14 @@ def encode_pieces(model, pieces: Sequence[np.ndarray]) -> list[jax.Array]:
     stats.misses += len(missing)
     if missing:
         first = {k: p for k, p in zip(keys, pieces)}
-        todo = [first[k] for k in missing]
         cfg = model.config
-        arrays = pack_for_encoder(todo, patch_size=cfg.vision.patch_size, side=cfg.vision.num_patches_per_side)
-        features = model.encode_pieces_packed(*arrays)
-        for i, k in enumerate(missing):
-            cache[k] = features[i]
+        for g in range(0, len(missing), ENCODE_GROUP):
+            group = missing[g:g + ENCODE_GROUP]
+            arrays = pack_for_encoder([first[k] for k in group], patch_size=cfg.vision.patch_size,
+                                      side=cfg.vision.num_patches_per_side)
+            features = model.encode_pieces_packed(*arrays)
+            for i, k in enumerate(group):
+                cache[k] = features[i]
     out = []
     for k in keys:
         cache.move_to_end(k)

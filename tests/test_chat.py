@@ -184,3 +184,26 @@ def test_generation_config_defaults():
         GenerationConfig.for_chat(False, temperature=0.3)
     with pytest.raises(ValueError, match="beam sampling"):
         GenerationConfig.for_chat(True, num_beams=2)
+
+
+def test_new_pieces_are_encoded_in_groups_with_the_same_features(tiny_model, monkeypatch):
+    """More new pieces than ``ENCODE_GROUP`` (a long video) are encoded a group at a time: each piece's
+    features equal those of one batch of all of them."""
+    from minicpmv_jax import feature_cache
+    from minicpmv_jax.image_inputs import pack_for_encoder
+
+    rng = np.random.default_rng(7)
+    pieces = [rng.standard_normal((3, 14 * rng.integers(2, 5), 14 * rng.integers(2, 5))).astype(np.float32)
+              for _ in range(11)]
+    monkeypatch.setattr(feature_cache, "ENCODE_GROUP", 4)
+    calls = []
+    real = type(tiny_model).encode_pieces_packed
+    monkeypatch.setattr(type(tiny_model), "encode_pieces_packed",
+                        lambda self, *a: calls.append(a[0].shape[0]) or real(self, *a))
+    got = feature_cache.encode_pieces(tiny_model, pieces)
+    assert len(calls) == 3                                                      # 4 + 4 + 3 new pieces
+    cfg = tiny_model.config
+    whole = real(tiny_model, *pack_for_encoder(pieces, patch_size=cfg.vision.patch_size,
+                                               side=cfg.vision.num_patches_per_side))
+    for i, features in enumerate(got):
+        np.testing.assert_allclose(np.asarray(features), np.asarray(whole[i]), rtol=1e-5, atol=1e-5)
