@@ -28,11 +28,14 @@ import sys
 import warnings
 from typing import Callable, Mapping
 
+from minicpmv_jax import sharding
+
 from . import orbax_checkpoint
 from . import checkpoint_names as names
 from .cli_finetune import add_finetune_parser
 from .attention import IMPLEMENTATIONS
 from .cli_generate import add_chat_parser, add_generate_parser, path_arg
+from .compiled_plan import compiled_memory, format_compiled
 from .config import ConfigError, MiniCPMVConfig, num_parameters
 from .errors import ArgumentError
 from .hf_checkpoint import CheckpointError
@@ -93,9 +96,6 @@ def _plan(args: argparse.Namespace) -> int:
     result = plan_memory(args.model, args.mesh, batch=args.batch, max_len=args.max_len, dtype=args.dtype)
     compiled = None
     if args.compile:
-        from minicpmv_jax import sharding
-        from minicpmv_jax.compiled_plan import compiled_memory
-
         if args.prompt_len is None:
             raise ArgumentError("{} needs {} (the prompt length to compile the prefill for)", "compile=True",
                                 "prompt_len")
@@ -116,8 +116,6 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     print(format_plan(result, args.device_memory))
     if compiled is not None:
-        from minicpmv_jax.compiled_plan import format_compiled
-
         print()
         print(format_compiled(compiled))
     return 0
