@@ -261,11 +261,11 @@ def _attention_blockwise(q, k, v, mask: Mask | None, scale: float, block_q: int 
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     bq, bk = min(block_q, t), min(block_kv, s)
-    tp = -(-t // bq) * bq
+    tp = _round_up(t, bq)
     key_valid = jnp.ones((b, s), bool) if mask is None or mask.key_valid is None else mask.key_valid.astype(bool)
     offset = None if mask is None else mask.causal_offset
     q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))                                  # queries: O(T), cheap
-    num_kv = -(-s // bk)
+    num_kv = _round_up(s, bk) // bk
     qb = rearrange(q, "B (I t) (K G) H -> I B K G t H", t=bq, K=kv_heads)                 # per query block
     stats = qb.shape[1:5]                                                                  # [B, K, G, bq]
 

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from minicpmv_jax import generate, sharding
 from minicpmv_jax.buckets import MIN_LENGTH, bucket
@@ -109,11 +109,10 @@ def compiled_memory(model: Any, *, prompt_len: int, batch: int = 1, max_new_toke
     generation = GenerationConfig(max_new_tokens=max_new_tokens)
     num_new = generate.output_length(generation)
 
-    def placed(shape, dtype, batch_axis=True):
+    def placed(shape, dtype):   # an input with a leading batch axis, placed as host.put places it
         if mesh is None:
             return jax.ShapeDtypeStruct(shape, dtype)
-        spec = sharding.batch_spec(shape, mesh, rules) if batch_axis else PartitionSpec()
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(shape, mesh, rules))
 
     ids, mask, row_valid = placed((rows, t), jnp.int32), placed((rows, t), jnp.bool_), placed((rows,), jnp.bool_)
     key = jax.eval_shape(lambda: jax.random.key(0))

@@ -44,7 +44,7 @@ from einops import rearrange
 from flax import nnx, struct
 
 from minicpmv_jax import beam_search, kv_cache, sampling, sharding
-from minicpmv_jax.attention import Mask, resolve
+from minicpmv_jax.attention import Mask
 from minicpmv_jax.buckets import MIN_LENGTH, bucket, pad_left
 from minicpmv_jax.feature_cache import encode_pieces
 from minicpmv_jax.generation_config import GenerationConfig
@@ -173,9 +173,7 @@ def _prefill(model, ids, mask, features, feature_index, num_new: int, chunk: int
     key_valid = jnp.zeros((b, t + num_new), bool).at[:, :t].set(mask)
     x = _prompt_embeddings(model, ids, features, feature_index)
     positions = positions_from_mask(mask)
-    mesh = sharding.current_context().mesh
-    kernel = resolve(llm.attention, num_queries=t, cached=True, dtype=llm.dtype,
-                     sharded=mesh is not None and mesh.size > 1)
+    kernel = llm.attention_kernel(t, cached=True)
     if chunk is None or t <= chunk or t % chunk or kernel not in ("blockwise", "xla"):
         hidden, cache = llm.hidden_states(x, positions, Mask(key_valid, 0), cache, 0)
         last = hidden[:, -1]

@@ -152,6 +152,13 @@ class Qwen2(nnx.Module):
         # forward keeps one [B, T, D] residual per layer instead of every intermediate.
         self.remat = False
 
+    def attention_kernel(self, num_queries: int, cached: bool) -> str:
+        """The attention kernel a call of ``num_queries`` queries (into a cache or not) runs, traced in the
+        current sharding context (:func:`minicpmv_jax.attention.resolve`)."""
+        mesh = sharding.current_context().mesh
+        return resolve(self.attention, num_queries=num_queries, cached=cached, dtype=self.dtype,
+                       sharded=mesh is not None and mesh.size > 1)
+
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.embed_tokens(ids)
 
@@ -165,9 +172,7 @@ class Qwen2(nnx.Module):
         the cache, if given, is written at slots [write_index, write_index + T).
         Returns (hidden [B, T, D], updated cache or None).
         """
-        mesh = sharding.current_context().mesh
-        kernel = resolve(self.attention, num_queries=x.shape[1], cached=cache is not None, dtype=self.dtype,
-                         sharded=mesh is not None and mesh.size > 1)
+        kernel = self.attention_kernel(x.shape[1], cached=cache is not None)
         x = _constrain_residual(x.astype(self.dtype))
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
