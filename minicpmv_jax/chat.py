@@ -35,6 +35,7 @@ from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.generation_config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from minicpmv_jax.host import fetch
 from minicpmv_jax.model import MiniCPMVModel
+from minicpmv_jax.text_stream import AnswerStream
 
 __all__ = ["MiniCPMV", "chat", "answer_ids", "DEFAULT_MAX_INP_LENGTH"]
 
@@ -107,41 +108,16 @@ def _stream(model, prepared: gen.PreparedBatch, config: GenerationConfig, stop_i
     """Yields text pieces as tokens arrive; their concatenation is the non-streamed answer."""
     state = gen.prefill(model, prepared, config)
     step_once = gen.DecodeStepper(model, config, stop_ids)
-    decoder = tokenizer.stream_decoder()
-    strip = _StripStream()
-    while True:
+    answer = AnswerStream(tokenizer, stop_ids)
+    finished = False
+    while not finished:
         step = int(state.step)
         state = step_once(state)
         token = int(fetch(state.tokens[:, step])[0])
         finished = bool(fetch(state.done)[0])
-        if not (finished and token in stop_ids):
-            piece = strip.feed(decoder.step(token))
-            if piece:
-                yield piece
-        if finished:
-            break
-    piece = strip.feed(decoder.flush(), last=True)
-    if piece:
-        yield piece
-
-
-class _StripStream:
-    """Streams text with surrounding whitespace removed, as ``str.strip`` would on the whole."""
-
-    def __init__(self) -> None:
-        self._started = False
-        self._held = ""  # trailing whitespace not yet known to be inner
-
-    def feed(self, piece: str, last: bool = False) -> str:
-        if not self._started:
-            piece = piece.lstrip()
-            if not piece:
-                return ""
-            self._started = True
-        text = self._held + piece
-        body = text.rstrip()
-        self._held = "" if last else text[len(body):]
-        return body
+        piece = answer.feed(token, last=finished)
+        if piece:
+            yield piece
 
 
 # ---------------------------------------------------------------------------------------- the user's model

@@ -53,7 +53,7 @@ from minicpmv_jax.kv_cache import KVCache
 from minicpmv_jax.qwen2 import positions_from_mask
 
 __all__ = ["PreparedBatch", "prepare_batch", "DecodeState", "GenerationOutput", "generate", "prefill",
-           "decode_step", "DecodeStepper", "sampling_params", "output_length"]
+           "decode_step", "DecodeStepper", "sampling_params", "output_length", "prompt_embeddings"]
 
 
 @struct.dataclass
@@ -148,7 +148,8 @@ def _stack(per_piece: list[jax.Array], size: int, mesh) -> jax.Array:
 # ---------------------------------------------------------------------------------------- building blocks
 
 
-def _prompt_embeddings(model, ids, features, feature_index):
+def prompt_embeddings(model, ids, features, feature_index):
+    """Token embeddings ``[B, T, D]`` with the image features (if any) written into their spans."""
     x = model.llm.embed(ids)
     return x if features is None else place_features(x, features, feature_index)
 
@@ -171,7 +172,7 @@ def _prefill(model, ids, mask, features, feature_index, num_new: int, chunk: int
     # Created inside jit: say where its shards live (batch / KV heads), in the program's sharding context.
     cache = kv_cache.constrain(KVCache.zeros(llm.config, b, t + num_new, llm.dtype))
     key_valid = jnp.zeros((b, t + num_new), bool).at[:, :t].set(mask)
-    x = _prompt_embeddings(model, ids, features, feature_index)
+    x = prompt_embeddings(model, ids, features, feature_index)
     positions = positions_from_mask(mask)
     kernel = llm.attention_kernel(t, cached=True)
     if chunk is None or t <= chunk or t % chunk or kernel not in ("blockwise", "xla"):

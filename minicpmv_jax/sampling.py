@@ -32,7 +32,7 @@ from flax import struct
 
 __all__ = [
     "SamplingParams", "divide", "update_seen", "apply_repetition_penalty", "suppress_stop_tokens",
-    "apply_temperature", "process_logits",
+    "apply_temperature", "process_logits", "warp",
     "beam_log_probs", "sample", "greedy",
 ]
 
@@ -49,7 +49,8 @@ def _is_real(x) -> bool:
 
 @struct.dataclass
 class SamplingParams:
-    """Per-request logits-processing parameters, all 0-d arrays (traced, never static).
+    """Logits-processing parameters, traced arrays (never static): 0-d for one request, or ``[B]`` with one
+    value per row (a serving engine's decode slots, each running its own request; :meth:`stack`).
 
     temperature         float32  > 0 (1 leaves logits unchanged)
     top_k               int32    keep the top_k largest logits (ties included); <= 0 disables
@@ -94,6 +95,17 @@ class SamplingParams:
                    repetition_penalty=jnp.float32(repetition_penalty),
                    min_new_tokens=jnp.int32(min(min_new_tokens, 2 ** 31 - 1)))
 
+    @classmethod
+    def stack(cls, rows: "list[SamplingParams]") -> "SamplingParams":
+        """Per-row parameters ``[B]`` from B 0-d ones (each made by :meth:`make`)."""
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+
+
+def _per_row(x: jax.Array) -> jax.Array:
+    """A parameter for ``[B, V]`` scores: 0-d stays 0-d, ``[B]`` becomes ``[B, 1]``."""
+    x = jnp.asarray(x)
+    return x if x.ndim == 0 else x[:, None]
+
 
 def divide(x: jax.Array, divisor: jax.Array) -> jax.Array:
     """IEEE float division of ``x`` by a scalar (or broadcastable) ``divisor``, as torch computes it.
@@ -133,8 +145,9 @@ def update_seen(seen: jax.Array, tokens: jax.Array, position: jax.Array | int = 
 def apply_repetition_penalty(scores: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
     """HF ``RepetitionPenaltyLogitsProcessor``: a seen token's score is ``s * p`` if ``s < 0`` else ``s / p``.
 
-    scores ``[B, V]`` float32, seen ``[B, V]`` bool, penalty a 0-d array (1 leaves scores unchanged).
+    scores ``[B, V]`` float32, seen ``[B, V]`` bool, penalty 0-d or ``[B]`` (1 leaves scores unchanged).
     """
+    penalty = _per_row(penalty)
     penalised = jnp.where(scores < 0, scores * penalty, divide(scores, penalty))
     return jnp.where(seen, penalised, scores)
 
@@ -143,27 +156,34 @@ def suppress_stop_tokens(scores: jax.Array, stop_ids: jax.Array, num_generated: 
                          min_new_tokens: jax.Array) -> jax.Array:
     """HF ``MinNewTokensLengthLogitsProcessor``: stop ids get ``-inf`` while ``num_generated < min_new_tokens``.
 
-    scores ``[B, V]``; stop_ids int32 ``[E]`` (entries < 0 are padding); num_generated: tokens generated
-    so far, scalar or ``[B]``.
+    scores ``[B, V]``; stop_ids int32 ``[E]``, or ``[B, E]`` per row (entries < 0 are padding); num_generated:
+    tokens generated so far, and min_new_tokens, each scalar or ``[B]``.
     """
     v = scores.shape[-1]
-    is_stop = jnp.any(jnp.arange(v, dtype=jnp.int32)[:, None] == stop_ids.astype(jnp.int32)[None, :], axis=-1)
+    vocab = jnp.arange(v, dtype=jnp.int32)
+    stop_ids = stop_ids.astype(jnp.int32)
+    if stop_ids.ndim == 1:
+        is_stop = jnp.any(vocab[:, None] == stop_ids[None, :], axis=-1)[None, :]           # [1, V]
+    else:
+        is_stop = jnp.any(vocab[None, :, None] == stop_ids[:, None, :], axis=-1)           # [B, V]
     too_early = jnp.reshape(jnp.asarray(num_generated, jnp.int32) < min_new_tokens, (-1, 1))   # [B | 1, 1]
-    return jnp.where(is_stop[None, :] & too_early, _NEG_INF, scores)
+    return jnp.where(is_stop & too_early, _NEG_INF, scores)
 
 
 def apply_temperature(scores: jax.Array, temperature: jax.Array) -> jax.Array:
-    """HF ``TemperatureLogitsWarper``: ``scores / temperature`` (float32 division)."""
-    return divide(scores, temperature)
+    """HF ``TemperatureLogitsWarper``: ``scores / temperature`` (float32 division; 0-d or ``[B]``)."""
+    return divide(scores, _per_row(temperature))
 
 
 def _filter(scores: jax.Array, top_k: jax.Array, top_p_cut: jax.Array, use_top_p: jax.Array) -> jax.Array:
-    """Top-k then top-p with one stable ascending sort (equal to HF's two sorts, see module docstring)."""
+    """Top-k then top-p with one stable ascending sort (equal to HF's two sorts, see module docstring).
+    Each parameter is 0-d or ``[B]``."""
     b, v = scores.shape
     order = jnp.argsort(scores, axis=-1, stable=True)                              # ascending, [B, V]
     ascending = jnp.take_along_axis(scores, order, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-    kth_largest = ascending[:, v - k][:, None]                                     # [B, 1]
+    k = jnp.broadcast_to(jnp.where(top_k > 0, jnp.minimum(top_k, v), v), (b,))
+    kth_largest = jnp.take_along_axis(ascending, (v - k)[:, None], axis=-1)        # [B, 1]
+    top_p_cut, use_top_p = _per_row(top_p_cut), _per_row(use_top_p)
     # HF top-k: drop scores strictly below the k-th largest; they form a prefix of `ascending`.
     ascending = jnp.where(ascending < kth_largest, _NEG_INF, ascending)
     cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
@@ -180,16 +200,22 @@ def process_logits(logits: jax.Array, seen: jax.Array, num_generated: jax.Array 
 
     Order: repetition penalty (``seen``), stop-id suppression before ``min_new_tokens`` generated tokens,
     then, if ``do_sample``, temperature, top-k, top-p. ``do_sample`` is a static mode switch (greedy
-    decoding uses no warpers, exactly like HF); the parameters themselves are arrays.
+    decoding uses no warpers, exactly like HF); the parameters themselves are arrays, 0-d or ``[B]``.
     """
     scores = logits.astype(jnp.float32)
     scores = apply_repetition_penalty(scores, seen, params.repetition_penalty)
     scores = suppress_stop_tokens(scores, stop_ids, num_generated, params.min_new_tokens)
     if not do_sample:
         return scores
+    return warp(scores, params)
+
+
+def warp(scores: jax.Array, params: SamplingParams) -> jax.Array:
+    """The sampling warpers on processed scores ``[B, V]``: temperature, then top-k and top-p (the sort
+    skipped when no row uses either)."""
     scores = apply_temperature(scores, params.temperature)
     use_top_p = params.top_p < 1.0
-    return jax.lax.cond((params.top_k > 0) | use_top_p,
+    return jax.lax.cond(jnp.any((params.top_k > 0) | use_top_p),
                         lambda s: _filter(s, params.top_k, params.top_p_cut, use_top_p),
                         lambda s: s, scores)
 

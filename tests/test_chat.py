@@ -117,13 +117,6 @@ def test_stream_equals_non_stream(tiny_model, tiny_processor, img, kw):
     assert len(pieces) > 1 and "".join(pieces) == whole
 
 
-def test_stream_strips_like_the_answer():
-    strip = chat_lib._StripStream()
-    pieces = ["  ", "\n a", "b ", " ", "c", "  \n", ""]
-    out = [strip.feed(p) for p in pieces] + [strip.feed("", last=True)]
-    assert "".join(out) == "".join(pieces).strip()
-
-
 def test_stream_refuses_beams_and_batches(tiny_model, tiny_processor):
     with pytest.raises(ValueError, match="stream=True"):
         tiny_model.chat(msgs=[user("hi")], processor=tiny_processor, sampling=False, stream=True)

@@ -140,7 +140,7 @@ LAYERS = {
     "beside the towers": [
         # processing (host side, no JAX)
         "slicing", "image_processing", "video", "tokenizer", "chat_template", "processor", "conversation",
-        "position_buckets", "patches",
+        "position_buckets", "patches", "text_stream",
         # checkpoint files
         "hf_checkpoint", "checkpoint_names", "orbax_checkpoint", "checkpoint_folder", "hub", "demo",
         "testing", "testing.checkpoint", "testing.tokenizer_files",
@@ -154,13 +154,14 @@ LAYERS = {
         "finetune.device_batch", "finetune.export", "finetune.lora", "finetune.loss", "finetune.optim",
         "finetune.train_state", "finetune.train_step", "finetune.trainer",
         "convert_weights", "convert_weights._convert", "convert_weights._errors", "convert_weights._output",
-        "convert_weights._ring", "convert_weights._source", "convert_weights._transpose"],
+        "convert_weights._ring", "convert_weights._source", "convert_weights._transpose",
+        "engine", "engine.engine", "engine.request", "engine.slots"],
     "entry points": ["", "cli", "cli_generate", "cli_finetune"],
 }
 
 #: Host-side modules: numpy, PIL, tokenizers, jinja2, PyAV and safetensors, never JAX.
 HOST_ONLY = ["slicing", "image_processing", "video", "tokenizer", "chat_template", "processor", "conversation",
-             "position_buckets", "patches", "hub", "hf_checkpoint", "checkpoint_files", "buckets", "errors"]
+             "position_buckets", "patches", "text_stream", "hub", "hf_checkpoint", "checkpoint_files", "buckets", "errors"]
 
 
 def _layer_of() -> dict[str, int]:
