@@ -207,6 +207,11 @@ class Engine:
             running = sum(r is not None for r in self._running) + (self._prefill is not None)
             return EngineStats(len(self._queue), running, self._generated, self._steps)
 
+    @property
+    def started(self) -> bool:
+        """The scheduler runs in its background thread (:meth:`start`)."""
+        return self._thread is not None
+
     def idle(self) -> bool:
         """No request queued, prefilling or running."""
         with self._lock:
@@ -244,11 +249,13 @@ class Engine:
         p = self._prefill
         if p is not None and p.handle.cancelled:
             self._prefill = None
-            p.handle._finish("cancelled")
+            self._close(p.handle, "cancelled")
         with self._lock:
-            for h in [h for h in self._queue if h.cancelled]:
+            gone = [h for h in self._queue if h.cancelled]
+            for h in gone:
                 self._queue.remove(h)
-                h._finish("cancelled")
+        for h in gone:
+            self._close(h, "cancelled")
 
     def _admit(self) -> None:
         slot = self._free_slot()
@@ -261,8 +268,7 @@ class Engine:
         try:
             self._prefill = self._start_prefill(handle, slot)
         except Exception as e:          # a request that cannot run must not stop the others
-            log.exception("request %s failed to start", handle.request_id)
-            handle._finish("error", error=EngineError(f"request {handle.request_id} failed: {e}"))
+            self._fail(handle, e)
 
     def _start_prefill(self, handle: RequestHandle, slot: int) -> _Prefill:
         model = self.model
@@ -287,7 +293,20 @@ class Engine:
             return kv_cache.sharded_zeros(cfg, 1, t, self.model.mesh, dtype, self._context.rules)
         return _zeros(cfg, t, dtype)
 
+    def _fail(self, handle: RequestHandle, error: Exception) -> None:
+        log.exception("request %s failed", handle.request_id, exc_info=error)
+        self._close(handle, "error", error=EngineError(f"request {handle.request_id} failed: {error}"))
+
     def _prefill_chunk(self) -> None:
+        """The next chunk of the prompt being prefilled; if it fails, only that request fails."""
+        try:
+            self._prefill_next()
+        except Exception as e:
+            p, self._prefill = self._prefill, None
+            if p is not None:
+                self._fail(p.handle, e)
+
+    def _prefill_next(self) -> None:
         p = self._prefill
         start = p.starts.pop(0)
         p.cache, p.logits = S.prefill_chunk(self._graphdef, self._params, p.cache, p.x, p.mask, p.positions,
@@ -348,9 +367,14 @@ class Engine:
         with self._lock:
             self._running[slot] = None
             self._lock.notify_all()
-        r.handle._finish(reason, text, token_ids)
+        self._close(r.handle, reason, text, token_ids)
+
+    def _close(self, handle: RequestHandle, reason: str, text: str = "", token_ids: tuple[int, ...] = (),
+               error: BaseException | None = None) -> None:
+        """Where every request ends (finished, cancelled, failed): its last piece, then the observer."""
+        handle._finish(reason, text, token_ids, error)
         if self.observer is not None:
-            self.observer.finished(r.handle)
+            self.observer.finished(handle)
 
     # ------------------------------------------------------------------ the thread
 
@@ -382,10 +406,10 @@ class Engine:
                 self._release[b] = True
                 with self._lock:
                     self._running[b] = None
-                r.handle._finish("error", error=EngineError(why))
+                self._close(r.handle, "error", error=EngineError(why))
         if self._prefill is not None:
-            self._prefill.handle._finish("error", error=EngineError(why))
-            self._prefill = None
+            p, self._prefill = self._prefill, None
+            self._close(p.handle, "error", error=EngineError(why))
 
     def stop(self, timeout: float | None = 30.0) -> bool:
         """Stops accepting requests, lets the ones in flight finish (at most ``timeout`` seconds; None: no

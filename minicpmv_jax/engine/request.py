@@ -124,6 +124,7 @@ class RequestHandle:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self._cancelled = threading.Event()
+        self._result: Completion | None = None
         self._loop = loop
         self._events: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop is not None \
             else queue.SimpleQueue()
@@ -185,13 +186,16 @@ class RequestHandle:
                 return
 
     def result(self) -> Completion:
-        """Waits for the whole answer (blocking iteration)."""
-        text, ids, reason = [], [], None
-        for out in self:
-            text.append(out.text)
-            ids.extend(out.token_ids)
-            reason = out.finish_reason
-        return self._completion("".join(text), tuple(ids), reason)
+        """Waits for the whole answer (iterating the handle: call it instead of iterating, not after); a
+        second call returns the same completion."""
+        if self._result is None:
+            text, ids, reason = [], [], None
+            for out in self:
+                text.append(out.text)
+                ids.extend(out.token_ids)
+                reason = out.finish_reason
+            self._result = self._completion("".join(text), tuple(ids), reason)
+        return self._result
 
     def _completion(self, text: str, ids: tuple[int, ...], reason: str) -> Completion:
         ttft = None if self.first_token_at is None else self.first_token_at - self.submitted
