@@ -10,6 +10,8 @@ Subcommands available in this build:
         [--compile --prompt-len T [--json]]                            ... and XLA's, compiled here
     minicpmv-jax finetune --model M --data train.json --output DIR [--lora-rank R | --full] [--steps N] ...
                                        LoRA or full fine-tuning, resumable; exports DIR/model
+    minicpmv-jax serve --model M [--host H --port P] [--max-batch N --max-len L] [--api-key K] ...
+                                       an OpenAI-compatible HTTP server (continuous batching)
 
 ``--model`` takes a checkpoint folder, a Hugging Face Hub id (downloaded and converted once), or ``demo``
 (a tiny random-weight model for trying the pipeline offline; its answers are noise).
@@ -35,6 +37,7 @@ from . import checkpoint_names as names
 from .cli_finetune import add_finetune_parser
 from .attention import IMPLEMENTATIONS
 from .cli_generate import add_chat_parser, add_generate_parser, path_arg
+from .cli_serve import add_serve_parser
 from .compiled_plan import compiled_memory, format_compiled
 from .config import ConfigError, MiniCPMVConfig, num_parameters
 from .errors import ArgumentError
@@ -43,7 +46,7 @@ from .version import __version__
 from .model import abstract_model
 
 
-DESCRIPTION = ("MiniCPM-V 2.6 in JAX: check, convert, chat with and fine-tune checkpoints. --model takes a "
+DESCRIPTION = ("MiniCPM-V 2.6 in JAX: check, convert, chat with, fine-tune and serve checkpoints. --model takes a "
                "checkpoint folder, a Hugging Face Hub id, or 'demo' (tiny random weights, offline).")
 
 
@@ -145,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_parser(sub)
     add_generate_parser(sub)
     add_finetune_parser(sub)
+    add_serve_parser(sub)
     plan = sub.add_parser("plan", help="per-device memory of parameters and KV cache on a mesh (no weights read)")
     plan.add_argument("--model", default="minicpmv-2_6", type=path_arg,
                       help="checkpoint folder, its config.json, or a preset "

@@ -197,27 +197,15 @@ def _datasets(args: argparse.Namespace, processor):
     return out
 
 
-def _mesh(text: str):
-    """The device mesh of ``--mesh DxFxT``; an error names ``--mesh``, with the axis sizes as text: they are
-    not flags (``data=3`` is not ``--data 3``)."""
-    from minicpmv_jax import sharding
-
-    shape = sharding.parse_mesh_shape(text)
-    try:
-        return sharding.make_mesh(*shape)
-    except ArgumentError as e:
-        raise ArgumentError("{}: {problem}", f"mesh={text!r}", problem=str(e)) from None
-
-
 def _finetune(args: argparse.Namespace) -> int:
-    from minicpmv_jax import MiniCPMV, MiniCPMVProcessor
+    from minicpmv_jax import MiniCPMV, MiniCPMVProcessor, sharding
     from minicpmv_jax.cli_generate import model_folder
     from minicpmv_jax.finetune.trainer import LoopConfig, SettingChangedError, check_output, fit
 
     # Cheap checks first: the model may take minutes to load.
     if not 0.0 <= args.lora_dropout < 1.0:
         raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
-    mesh = None if args.mesh is None else _mesh(args.mesh)
+    mesh = None if args.mesh is None else sharding.mesh_from_text(args.mesh)
     output = os.path.abspath(args.output)
     check_output(output, args.resume)
     if not os.path.isfile(args.data):

@@ -43,8 +43,6 @@ from minicpmv_jax.checkpoint_files import is_converted
 
 __all__ = ["add_chat_parser", "add_generate_parser", "model_folder"]
 
-# Card example for video (docs/model.md §6): frames as images, no image ids, at most 2 slices per frame.
-VIDEO_MAX_SLICE_NUMS = 2
 # Above this many pixels an image is loaded with a warning (PIL's own warning threshold; it refuses at 2×,
 # which is --max-image-pixels' default).
 LARGE_IMAGE_PIXELS = DEFAULT_MAX_PIXELS // 2
@@ -201,13 +199,13 @@ def _load_image(path: str, args: argparse.Namespace):
 def _request_content(prompt: str, images: list[str], video: str | None, args: argparse.Namespace
                      ) -> tuple[list[Any], dict[str, Any]]:
     """The user message's content (images / video frames first, then the prompt) and per-request options."""
-    from minicpmv_jax.video import load_video
+    from minicpmv_jax.video import VIDEO_OPTIONS, load_video
 
     content: list[Any] = [_load_image(path, args) for path in images]
     options: dict[str, Any] = {}
     if video is not None:
         content += load_video(video, max_frames=args.max_frames)
-        options = {"use_image_id": False, "max_slice_nums": VIDEO_MAX_SLICE_NUMS}
+        options = dict(VIDEO_OPTIONS)
     if args.max_slice_nums is not None:
         options["max_slice_nums"] = args.max_slice_nums
     return content + [prompt], options

@@ -39,9 +39,14 @@ __all__ = [
     "VideoSource",
     "DEFAULT_MAX_FRAME_PIXELS",
     "VIDEO_FORMATS",
+    "VIDEO_OPTIONS",
     "sample_frame_indices",
     "load_video",
 ]
+
+#: The model card's processor settings for a video's frames (docs/model.md §6): frames are plain images,
+#: without image ids, each cut into at most 2 slices. ``chat --video`` and the server's ``video_url`` use them.
+VIDEO_OPTIONS = {"use_image_id": False, "max_slice_nums": 2}
 
 # The largest picture any level of H.264, HEVC or AV1 allows (35 651 584 luma samples = 8192x4352).
 # With max_frames=64 the returned RGB frames then take at most 64 x 3 x 35.7 MB = 6.8 GB; pass a

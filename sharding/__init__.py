@@ -31,7 +31,7 @@ Typical use::
         y = jax.jit(fn)(...)
 """
 
-from .mesh import MESH_AXES, abstract_mesh, axis_sizes, make_mesh, mesh_shape, parse_mesh_shape
+from .mesh import MESH_AXES, abstract_mesh, axis_sizes, make_mesh, mesh_from_text, mesh_shape, parse_mesh_shape
 from .context import ShardingContext, context_for, current_context, use_mesh, use_rules
 from .placement import (abstract_with_shardings, batch_sharding, batch_spec, constrain, flat_param_shardings,
                         kv_cache_sharding, kv_cache_spec, logical_axes_of, param_shardings, param_specs,
@@ -41,7 +41,7 @@ from .rules import (ACTIVATION_AXES, CACHE_AXES, LOGICAL_AXES, RESIDUAL_AXES, RU
 
 __all__ = [
     # mesh
-    "MESH_AXES", "make_mesh", "abstract_mesh", "parse_mesh_shape", "axis_sizes", "mesh_shape",
+    "MESH_AXES", "make_mesh", "abstract_mesh", "parse_mesh_shape", "mesh_from_text", "axis_sizes", "mesh_shape",
     # rules
     "Rules", "RULES", "TRAINING_RULES", "LOGICAL_AXES", "ACTIVATION_AXES", "RESIDUAL_AXES", "CACHE_AXES",
     "check_rules", "override_rules", "logical_to_spec", "shards_per_dim", "num_shards", "spec_shard_shape",

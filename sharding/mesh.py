@@ -29,7 +29,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from minicpmv_jax.errors import ArgumentError
 
-__all__ = ["MESH_AXES", "MeshLike", "make_mesh", "abstract_mesh", "parse_mesh_shape", "axis_sizes",
+__all__ = ["MESH_AXES", "MeshLike", "make_mesh", "abstract_mesh", "parse_mesh_shape", "mesh_from_text", "axis_sizes",
            "mesh_shape"]
 
 #: Names of the mesh axes, outermost first (``data`` spans hosts/slices, ``tensor`` the fastest links).
@@ -117,6 +117,16 @@ def parse_mesh_shape(text: str, allow_rest: bool = True) -> tuple[int, int, int]
             raise ArgumentError("{}: {axis}={size} must be {allowed}", f"mesh={text!r}", axis=name, size=size,
                                 allowed=allowed)
     return sizes  # type: ignore[return-value]
+
+
+def mesh_from_text(text: str) -> Mesh:
+    """The mesh of a ``--mesh DxFxT`` setting over this process's devices (:func:`parse_mesh_shape`, then
+    :func:`make_mesh`); every error names ``mesh=<text>``, the axis sizes as text (they are not flags)."""
+    shape = parse_mesh_shape(text)
+    try:
+        return make_mesh(*shape)
+    except ArgumentError as e:
+        raise ArgumentError("{}: {problem}", f"mesh={text!r}", problem=str(e)) from None
 
 
 def axis_sizes(mesh: MeshLike) -> dict[str, int]:

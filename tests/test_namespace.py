@@ -156,7 +156,9 @@ LAYERS = {
         "convert_weights", "convert_weights._convert", "convert_weights._errors", "convert_weights._output",
         "convert_weights._ring", "convert_weights._source", "convert_weights._transpose",
         "engine", "engine.engine", "engine.request", "engine.slots"],
-    "entry points": ["", "cli", "cli_generate", "cli_finetune"],
+    "server": ["server", "server.app", "server.errors", "server.limits", "server.media", "server.metrics",
+               "server.protocol", "server.responses", "server.run"],
+    "entry points": ["", "cli", "cli_generate", "cli_finetune", "cli_serve"],
 }
 
 #: Host-side modules: numpy, PIL, tokenizers, jinja2, PyAV and safetensors, never JAX.

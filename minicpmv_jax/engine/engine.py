@@ -6,9 +6,11 @@ iteration of :meth:`Engine.step`:
 1. frees the slots of cancelled requests (their client went away);
 2. admits the oldest queued request when a slot is free and no other prompt is being prefilled: its
    image pieces go through the vision tower (the model's feature cache reused), its prompt is embedded;
-3. runs ONE chunk of the prompt being prefilled (``prefill_chunk`` tokens), and when its last chunk is
-   done inserts it into its slot — so a long prompt (a 64-frame video) is interleaved with decoding
-   instead of stalling the running slots for its whole prefill;
+3. prefills at most ``prefill_chunk`` prompt tokens: chunks of the prompt being prefilled, and when one
+   is done and inserted into its slot, the next queued prompts while the budget lasts (16 short
+   questions arriving together start within one iteration) — a long prompt (a 64-frame video) takes one
+   chunk per iteration, interleaved with decoding instead of stalling the running slots for its whole
+   prefill;
 4. runs one decode step for all slots (:func:`minicpmv_jax.engine.slots.decode_step`: one compiled
    program whatever requests occupy the slots) and hands each running request its token, decoded
    incrementally (:class:`~minicpmv_jax.text_stream.AnswerStream`: the same text as ``chat``).
@@ -59,9 +61,10 @@ class EngineConfig:
     Attributes:
       max_batch: decode slots (requests generating at once).
       max_len: cache slots per request: its prompt plus its answer must fit (longer is refused).
-      prefill_chunk: a prompt longer than this many tokens (a power of two) is prefilled this many tokens
-        per scheduler iteration, decode steps of the other slots in between (when the attention kernel
-        takes a causal offset: the blockwise and dense ones).
+      prefill_chunk: prompt tokens prefilled per scheduler iteration (a power of two): several short
+        prompts, or one chunk of a longer one, decode steps of the other slots in between (a prompt is
+        cut into chunks when the attention kernel takes a causal offset: the blockwise and dense ones;
+        else it is prefilled at once, alone in its iteration).
       max_queue: requests waiting for a slot; one more is refused with :class:`QueueFull`.
     """
 
@@ -225,11 +228,17 @@ class Engine:
             self.step()
 
     def step(self) -> None:
-        """One scheduler iteration: cancellations, admission, one prefill chunk, one decode step."""
+        """One scheduler iteration: cancellations, admissions and prefill chunks (``prefill_chunk`` prompt
+        tokens at most), one decode step."""
         self._cancel()
-        if self._prefill is None:
-            self._admit()
-        if self._prefill is not None:
+        budget = self.config.prefill_chunk      # prompt tokens prefilled per iteration, at most
+        while True:
+            if self._prefill is None:
+                self._admit()
+            p = self._prefill
+            if p is None or (p.chunk > budget and budget < self.config.prefill_chunk):
+                break             # (a prompt prefilled at once may exceed the budget, alone)
+            budget -= p.chunk
             self._prefill_chunk()
         if any(r is not None for r in self._running):
             self._decode()
