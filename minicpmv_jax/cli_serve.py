@@ -12,6 +12,13 @@ once); then the model loads, and one log line says ``serving NAME on http://HOST
 system chose for ``--port 0``). SIGTERM or Ctrl-C stops accepting connections, lets the requests in
 flight finish for at most ``--drain-timeout`` seconds (then cancels them), stops the engine and exits
 with status 0.
+
+Several hosts (one mesh over every process's devices): start the same command on every process with
+``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``--multihost`` where
+``jax.distributed.initialize()`` finds the cluster itself, as on Cloud TPU). Process 0 binds the address
+and serves HTTP; the others run the engine's steps as process 0 schedules them
+(:meth:`~minicpmv_jax.engine.Engine.follow`) and exit when it stops; they ignore SIGTERM meanwhile, so
+that a signal sent to every process lets process 0 drain.
 """
 
 from __future__ import annotations
@@ -20,7 +27,10 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
+
+import jax
 
 from minicpmv_jax import sharding
 from minicpmv_jax.attention import IMPLEMENTATIONS
@@ -30,6 +40,8 @@ from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.server.limits import Limits
 
 __all__ = ["add_serve_parser"]
+
+log = logging.getLogger("minicpmv_jax.serve")
 
 SERVE_HELP = "serve the model over an OpenAI-compatible HTTP API"
 #: The environment variable ``--api-key`` defaults to (a key on the command line shows in ``ps``).
@@ -80,6 +92,12 @@ def add_serve_parser(sub) -> None:
         default = getattr(limits, field.name)
         p.add_argument("--" + field.name.replace("_", "-"), type=int, default=default, metavar="N",
                        help=f"{LIMIT_HELP[field.name]} (default {default:,})")
+    hosts = p.add_argument_group("several hosts (one mesh over the devices of every process)")
+    hosts.add_argument("--multihost", action="store_true",
+                       help="join the cluster jax.distributed.initialize() detects (Cloud TPU, SLURM, …)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address for jax.distributed")
+    hosts.add_argument("--num-processes", type=int, metavar="N", help="processes in the cluster (with --coordinator)")
+    hosts.add_argument("--process-id", type=int, metavar="I", help="this process's index (with --coordinator)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM / Ctrl-C, seconds the requests in flight may take to finish (default 30)")
     p.set_defaults(func=_serve)
@@ -104,9 +122,10 @@ def _serve(args: argparse.Namespace) -> int:
         raise ArgumentError("{} must be ≥ 0 seconds, got {value}", "drain_timeout", value=args.drain_timeout)
     if args.api_key is not None and not args.api_key.strip():
         raise ArgumentError("{} is empty", "api_key")
+    leader = _join_cluster(args)
     mesh = None if args.mesh in (None, "1x1x1") else sharding.mesh_from_text(args.mesh)
     _log_to_stderr()
-    sock = bind(args.host, args.port)   # a port in use fails now, not after loading
+    sock = bind(args.host, args.port) if leader else None   # a port in use fails now, not after loading
 
     from minicpmv_jax import MiniCPMV, MiniCPMVProcessor
 
@@ -114,10 +133,35 @@ def _serve(args: argparse.Namespace) -> int:
     model = MiniCPMV.from_pretrained(folder, dtype=args.dtype, mesh=mesh, attention=args.attention)
     processor = MiniCPMVProcessor.from_pretrained(folder)
     name = args.served_model_name or args.model
+    if not leader:
+        signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: following process 0 until it stops"))
+        log.info("process %d follows process 0's engine", jax.process_index())
+        Engine(model, processor, config).follow()
+        return 0
     app = create_app(Engine(model, processor, config), processor, name, api_key=args.api_key,
                      allowed_local_media=args.allowed_local_media, limits=limits, drain_timeout=args.drain_timeout)
     run(app, sock, drain_timeout=args.drain_timeout, name=name)
     return 0
+
+
+def _join_cluster(args: argparse.Namespace) -> bool:
+    """Joins the multi-process cluster the flags name (if any); returns whether this is process 0."""
+    explicit = [args.coordinator, args.num_processes, args.process_id]
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ArgumentError("{} go together: give all three (or --multihost to detect the cluster)",
+                                "--coordinator, --num-processes and --process-id")
+        if not 0 <= args.process_id < args.num_processes:
+            raise ArgumentError("{} must be in 0..{last}, got {value}", "--process-id",
+                                last=args.num_processes - 1, value=args.process_id)
+    elif not args.multihost:
+        return True
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU processes' collectives (else unused)
+    if args.multihost and args.coordinator is None:
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    return jax.process_index() == 0
 
 
 def _log_to_stderr() -> None:

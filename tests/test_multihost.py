@@ -71,3 +71,46 @@ def test_two_processes_match_one(tmp_path, tiny_checkpoint, tiny_model, tiny_pro
         assert int(out["device_embed_bytes"]) == full_embed // (fsdp * tensor)
         if mesh == "1x8x1":
             assert int(out["local_embed_bytes"]) == full_embed // 2
+
+
+ENGINE_WORKER = os.path.join(os.path.dirname(__file__), "multihost_engine_worker.py")
+
+
+def test_engine_on_two_processes_answers_as_on_one(tmp_path, tiny_checkpoint, tiny_model, tiny_processor):
+    """Process 0 takes the requests and schedules; process 1 follows (the same programs in the same order,
+    its decisions replayed from process 0's inputs); the answers are those of ``chat`` on one process."""
+    from minicpmv_jax.engine import request_from_messages
+    from minicpmv_jax.generation_config import GenerationConfig
+
+    convs = [[{"role": "user", "content": [noise_image(2, 120, 90), "What is it?"]}],
+             [{"role": "user", "content": "Hello, who are you?"}],
+             [{"role": "user", "content": "Count."}]]
+    lengths = [6, 9, 4]
+    greedy = dict(sampling=False, num_beams=1)
+    requests = [request_from_messages(tiny_processor, c, GenerationConfig.for_chat(max_new_tokens=n, **greedy))
+                for c, n in zip(convs, lengths)]
+    inputs = tmp_path / "requests.pkl"
+    inputs.write_bytes(pickle.dumps(requests))
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    procs = [subprocess.Popen([sys.executable, ENGINE_WORKER, str(port), str(i), tiny_checkpoint[0], str(inputs),
+                               str(tmp_path / f"engine{i}.pkl"), "1x4x2"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a worker process timed out")
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    leader, follower = (pickle.loads((tmp_path / f"engine{i}.pkl").read_bytes()) for i in range(2))
+    tok = tiny_processor.tokenizer
+    for conv, n, ids in zip(convs, lengths, leader["answers"]):
+        assert tok.decode([t for t in ids if t not in tok.stop_ids]).strip() == \
+            tiny_model.chat(msgs=conv, processor=tiny_processor, max_new_tokens=n, **greedy)
+    assert leader["answers"][-1] == "cancelled"
+    assert (follower["steps"], follower["generated"]) == (leader["steps"], leader["generated"]) > (0, 0)

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -41,10 +42,10 @@ MAX_LEN = 512
 class Server:
     """A ``minicpmv-jax serve`` process; its log in a file (a pipe nobody reads would block it)."""
 
-    def __init__(self, checkpoint: str, log_path, *flags: str) -> None:
+    def __init__(self, checkpoint: str, log_path, *flags: str, env: dict | None = None) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env = dict(env or os.environ, JAX_PLATFORMS="cpu")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "minicpmv_jax.cli", "serve", "--model", checkpoint, "--dtype", "float32",
              "--host", "127.0.0.1", "--port", "0", "--served-model-name", NAME, *flags],
@@ -493,3 +494,38 @@ def test_serve_help_and_flag_errors_before_loading(capsys, tmp_path):
         assert cli.main(["serve", "--model", never, *flags]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
+
+
+def test_serve_on_two_processes(tiny_checkpoint, tiny_model, tiny_processor, tmp_path):
+    """``--coordinator``: process 0 serves HTTP, process 1 follows its engine on a mesh over both; the
+    answers are those of one process, and SIGTERM to both lets process 0 drain, then both exit 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    cluster = ["--mesh", "1x4x2", "--coordinator", coordinator, "--num-processes", "2", "--max-batch", "2",
+               "--max-len", "256"]
+    with open(tmp_path / "follower.log", "wb") as follower_log:
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "minicpmv_jax.cli", "serve", "--model", tiny_checkpoint[0], "--dtype", "float32",
+             *cluster, "--process-id", "1"], stdout=follower_log, stderr=subprocess.STDOUT, env=env)
+        leader = None
+        try:
+            leader = Server(tiny_checkpoint[0], tmp_path / "leader.log", *cluster, "--process-id", "0", env=env)
+            content = ["Hello from two hosts."]
+            part = {"type": "text", "text": content[0]}
+            answers = [_greedy(leader.client(), _user(part), n).choices[0].message.content for n in (5, 9)]
+            assert answers == [_reference(tiny_model, tiny_processor, content, n) for n in (5, 9)]
+            follower.send_signal(signal.SIGTERM)       # ignored: the follower waits for process 0
+            time.sleep(0.5)
+            assert follower.poll() is None
+        finally:
+            if leader is not None:
+                leader.stop()
+                assert leader.proc.returncode == 0, leader.log()[-3000:]
+            try:
+                assert follower.wait(timeout=120) == 0, (tmp_path / "follower.log").read_text()[-3000:]
+            finally:
+                if follower.poll() is None:
+                    follower.kill()
+                    follower.wait()

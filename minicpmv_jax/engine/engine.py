@@ -29,13 +29,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import pickle
 import threading
 import time
 import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -153,6 +153,12 @@ class Engine:
         self._stopping = False
         self._generated = 0
         self._steps = 0
+        # Several processes (one mesh over hosts): process 0 schedules; at each step it sends the others
+        # what arrived (new requests, cancellations) and every process runs the same deterministic loop.
+        self._multihost = jax.process_count() > 1
+        self._leader = jax.process_index() == 0
+        self._inbox: list[RequestHandle] = []      # submitted, not yet sent to the other processes
+        self._leader_stopped = False
 
     # ------------------------------------------------------------------ submitting
 
@@ -184,14 +190,17 @@ class Engine:
           QueueFull: ``config.max_queue`` requests are already waiting.
           EngineStopped: the engine is shutting down.
         """
+        if not self._leader:
+            raise RuntimeError("on several processes, requests are submitted on process 0; the others call "
+                               "Engine.follow()")
         self.check(request)
         handle = RequestHandle(request, loop)
         with self._lock:
             if not self._accepting:
                 raise EngineStopped("the engine is shutting down and accepts no new requests")
-            if len(self._queue) >= self.config.max_queue:
+            if len(self._queue) + len(self._inbox) >= self.config.max_queue:
                 raise QueueFull(f"the queue is full ({self.config.max_queue} requests waiting): try again later")
-            self._queue.append(handle)
+            (self._inbox if self._multihost else self._queue).append(handle)
             self._lock.notify_all()
         return handle
 
@@ -218,7 +227,8 @@ class Engine:
     def idle(self) -> bool:
         """No request queued, prefilling or running."""
         with self._lock:
-            return not self._queue and self._prefill is None and all(r is None for r in self._running)
+            return not self._queue and not self._inbox and self._prefill is None \
+                and all(r is None for r in self._running)
 
     # ------------------------------------------------------------------ the loop
 
@@ -230,7 +240,10 @@ class Engine:
     def step(self) -> None:
         """One scheduler iteration: cancellations, admissions and prefill chunks (``prefill_chunk`` prompt
         tokens at most), one decode step."""
-        self._cancel()
+        cancelled = self._sync()
+        if self._leader_stopped:
+            return
+        self._cancel(cancelled)
         budget = self.config.prefill_chunk      # prompt tokens prefilled per iteration, at most
         while True:
             if self._prefill is None:
@@ -250,17 +263,49 @@ class Engine:
                 return b
         return None
 
-    def _cancel(self) -> None:
+    # ------------------------------------------------------------------ several processes
+
+    def _sync(self, stop: bool = False) -> set[str]:
+        """This iteration's inputs, the same on every process: the requests submitted since the last step
+        join the queue, and the ids of the cancelled requests are returned. On several processes process 0
+        sends them (``stop``: the engine stops) and the others receive them."""
+        with self._lock:
+            new, self._inbox = self._inbox, []
+            live = list(self._queue) + new + [r.handle for r in self._running if r is not None]
+            live += [] if self._prefill is None else [self._prefill.handle]
+        cancelled = {h.request_id for h in live if h.cancelled}
+        if self._multihost:
+            sent = _broadcast((stop, [h.request for h in new], sorted(cancelled)) if self._leader else None)
+            stop, requests, cancelled = sent[0], sent[1], set(sent[2])
+            if not self._leader:
+                new = [_Mirror(r) for r in requests]
+            self._leader_stopped = stop
+        with self._lock:
+            self._queue.extend(new)
+        return cancelled
+
+    def follow(self) -> None:
+        """On processes 1… of a multi-host mesh: runs the steps process 0's engine runs (the same programs
+        in the same order), until process 0's engine stops. Process 0 takes the requests
+        (:meth:`submit`, the server) and runs :meth:`start` or :meth:`run_until_idle` as usual."""
+        if not self._multihost or self._leader:
+            raise RuntimeError("Engine.follow() runs on processes 1… of a multi-host engine")
+        while not self._leader_stopped:
+            self.step()
+
+    # ------------------------------------------------------------------ the loop's parts
+
+    def _cancel(self, cancelled: set[str]) -> None:
         for b, r in enumerate(self._running):
-            if r is not None and r.handle.cancelled:
+            if r is not None and r.handle.request_id in cancelled:
                 self._release[b] = True
                 self._end(b, "cancelled")
         p = self._prefill
-        if p is not None and p.handle.cancelled:
+        if p is not None and p.handle.request_id in cancelled:
             self._prefill = None
             self._close(p.handle, "cancelled")
         with self._lock:
-            gone = [h for h in self._queue if h.cancelled]
+            gone = [h for h in self._queue if h.request_id in cancelled]
             for h in gone:
                 self._queue.remove(h)
         for h in gone:
@@ -319,7 +364,7 @@ class Engine:
         p = self._prefill
         start = p.starts.pop(0)
         p.cache, p.logits = S.prefill_chunk(self._graphdef, self._params, p.cache, p.x, p.mask, p.positions,
-                                            jnp.int32(start), chunk=p.chunk, context=self._context)
+                                            np.int32(start), chunk=p.chunk, context=self._context)
         if p.starts:
             return
         config = p.handle.request.config
@@ -328,9 +373,10 @@ class Engine:
         stop_ids = np.full(S.MAX_STOP_IDS, -1, np.int32)
         stop_ids[:len(self._stop_ids)] = self._stop_ids[:S.MAX_STOP_IDS]
         key = np.asarray(jax.random.key_data(jax.random.key(config.seed)), np.uint32)
-        self._slots = S.insert(self._slots, jnp.int32(p.slot), p.cache, p.mask, p.logits, jnp.int32(shift),
-                               sampling_params(config), jnp.bool_(config.do_sample), jnp.asarray(stop_ids),
-                               jnp.int32(config.max_new_tokens), jnp.asarray(key), context=self._context)
+        params = jax.tree.map(np.asarray, sampling_params(config))
+        self._slots = S.insert(self._slots, np.int32(p.slot), p.cache, p.mask, p.logits, np.int32(shift), params,
+                               np.bool_(config.do_sample), stop_ids, np.int32(config.max_new_tokens), key,
+                               context=self._context)
         self._release[p.slot] = False
         with self._lock:
             self._running[p.slot] = _Running(p.handle, AnswerStream(self.processor.tokenizer, self._stop_ids,
@@ -338,7 +384,7 @@ class Engine:
             self._prefill = None
 
     def _decode(self) -> None:
-        release = jnp.asarray(self._release)
+        release = self._release.copy()
         self._release[:] = False
         self._slots, out = S.decode_step(self._graphdef, self._params, self._slots, release, context=self._context)
         tokens, done = fetch(out.token), fetch(out.done)
@@ -398,10 +444,14 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self._queue and self._prefill is None \
+                while not self._stopping and not self._queue and not self._inbox and self._prefill is None \
                         and all(r is None for r in self._running):
                     self._lock.wait(timeout=0.5)
+                    if self._multihost:
+                        break             # an empty step: the other processes wait in it
                 if self._stopping:
+                    if self._multihost:
+                        self._sync(stop=True)
                     return
             try:
                 self.step()
@@ -450,6 +500,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        elif self._multihost:
+            self._sync(stop=True)
         return drained
 
     def __enter__(self) -> "Engine":
@@ -457,6 +509,28 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class _Mirror(RequestHandle):
+    """A request on processes 1…: run like process 0's, its answer read by nobody."""
+
+    def _emit(self, output) -> None:
+        pass
+
+
+#: Messages between processes are padded to a multiple of this many bytes (few compiled broadcasts).
+_MESSAGE_BLOCK = 1 << 16
+
+
+def _broadcast(message: Any) -> Any:
+    """Process 0's ``message`` (any picklable value) on every process; the others pass None."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(message), np.uint8) if message is not None else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+    buffer = np.zeros(-(-size // _MESSAGE_BLOCK) * _MESSAGE_BLOCK, np.uint8)
+    buffer[:len(data)] = data
+    return pickle.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer))[:size].tobytes())
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "t", "dtype"))

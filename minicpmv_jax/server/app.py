@@ -136,31 +136,30 @@ class _Service:
 
     async def chat_completions(self, request: HTTPRequest) -> Response:
         """OpenAI's chat completions (text, ``image_url`` and ``video_url`` parts)."""
-        raw = await self._body(request)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-
-        def prepare() -> tuple[protocol.ChatCompletionRequest, list[Request]]:
-            body = protocol.parse(protocol.ChatCompletionRequest, _json(raw))
-            self._check_model(body.model)
-            return body, protocol.chat_requests(body, self.processor, max_len=self.engine.config.max_len,
-                                                limits=self.limits, local_root=self.local_root, request_id=rid)
-
-        body, requests = await run_in_threadpool(prepare)
-        return await self._answer(request, body, requests, rid, chat=True)
+        return await self._complete(request, "chatcmpl", protocol.ChatCompletionRequest, lambda body, rid: (
+            protocol.chat_requests(body, self.processor, max_len=self.engine.config.max_len, limits=self.limits,
+                                   local_root=self.local_root, request_id=rid)))
 
     async def completions(self, request: HTTPRequest) -> Response:
         """OpenAI's (legacy) completions: text prompts, no chat template."""
-        raw = await self._body(request)
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        return await self._complete(request, "cmpl", protocol.CompletionRequest, lambda body, rid: (
+            protocol.completion_requests(body, self.processor, max_len=self.engine.config.max_len,
+                                         request_id=rid)))
 
-        def prepare() -> tuple[protocol.CompletionRequest, list[Request]]:
-            body = protocol.parse(protocol.CompletionRequest, _json(raw))
+    async def _complete(self, request: HTTPRequest, prefix: str, body_type: type,
+                        to_requests: Callable[[Any, str], list[Request]]) -> Response:
+        """Reads, parses and checks a body in a worker thread (PIL and the tokenizer are CPU work), then
+        answers its choices."""
+        raw = await self._body(request)
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+
+        def prepare() -> tuple[Any, list[Request]]:
+            body = protocol.parse(body_type, _json(raw))
             self._check_model(body.model)
-            return body, protocol.completion_requests(body, self.processor, max_len=self.engine.config.max_len,
-                                                      request_id=rid)
+            return body, to_requests(body, rid)
 
         body, requests = await run_in_threadpool(prepare)
-        return await self._answer(request, body, requests, rid, chat=False)
+        return await self._answer(request, body, requests, rid, chat=body_type is protocol.ChatCompletionRequest)
 
     async def models(self) -> dict[str, Any]:
         """The served model, as OpenAI lists models."""
