@@ -25,6 +25,26 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+def _run_workers(args) -> None:
+    """Runs two worker processes (``args(port, process_id)`` → the script and its arguments) joined on a free
+    port, each with 4 CPU devices (the script sets them); fails with a worker's log if one fails."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    procs = [subprocess.Popen([sys.executable, *args(port, i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a worker process timed out")
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+
+
 
 @pytest.mark.parametrize("mesh", ["1x8x1", "2x2x2"])
 def test_two_processes_match_one(tmp_path, tiny_checkpoint, tiny_model, tiny_processor, mesh):
@@ -38,22 +58,8 @@ def test_two_processes_match_one(tmp_path, tiny_checkpoint, tiny_model, tiny_pro
     inputs = tmp_path / "inputs.pkl"
     inputs.write_bytes(pickle.dumps({"batch": batch, "msgs": msgs}))
 
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    procs = [subprocess.Popen([sys.executable, WORKER, str(port), str(i), "2", str(folder), str(inputs),
-                               str(tmp_path / f"out{i}.npz"), mesh], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a worker process timed out")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    _run_workers(lambda port, i: [WORKER, str(port), str(i), "2", str(folder), str(inputs),
+                                  str(tmp_path / f"out{i}.npz"), mesh])
 
     want_logits = np.asarray(tiny_model.compute_logits(batch))
     want_answer = tiny_model.chat(msgs=msgs, processor=tiny_processor, sampling=False, num_beams=1,
@@ -91,22 +97,8 @@ def test_engine_on_two_processes_answers_as_on_one(tmp_path, tiny_checkpoint, ti
                 for c, n in zip(convs, lengths)]
     inputs = tmp_path / "requests.pkl"
     inputs.write_bytes(pickle.dumps(requests))
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    procs = [subprocess.Popen([sys.executable, ENGINE_WORKER, str(port), str(i), tiny_checkpoint[0], str(inputs),
-                               str(tmp_path / f"engine{i}.pkl"), "1x4x2"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a worker process timed out")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    _run_workers(lambda port, i: [ENGINE_WORKER, str(port), str(i), tiny_checkpoint[0], str(inputs),
+                                  str(tmp_path / f"engine{i}.pkl"), "1x4x2"])
     leader, follower = (pickle.loads((tmp_path / f"engine{i}.pkl").read_bytes()) for i in range(2))
     tok = tiny_processor.tokenizer
     for conv, n, ids in zip(convs, lengths, leader["answers"]):
