@@ -63,6 +63,9 @@ def test_every_measurement_is_there(small_run, side):
         assert d["vision"]["batch"] == 8
         assert _positive(d["read_bw_GBs"]) and _positive(d["split_ms"]) and _positive(d["kv_bytes_per_token"])
         assert set(d["bytes"]) == {"llm", "embed", "vision", "resampler"}
+        served = d["serve_b8"]                      # the engine: 8 slots, all busy for most steps
+        assert served["slots"] == 8 and served["busy_steps"] >= 8 and _positive(served["step_tok_s"])
+        assert _positive(served["vs_vllm_452"]) and _positive(served["tok_s"])
         video = d["video_ttft"]                     # 8 frames of 448×252, the video recipe's 2 slices at most
         assert video["frames"] == 8 and video["pieces"] % 8 == 0 and _positive(video["median_s"])
         assert video["padded_tokens"] >= video["prompt_tokens"] > video["pieces"] * 64
@@ -86,7 +89,8 @@ def test_report(small_run):
         assert "| measurement | JAX | PyTorch |" in text
         for row in ("time to first token, 896² image", "vision encoder", "prefill 256 tokens",
                     *(f"decode batch {b} " for b in BATCHES), "peak memory", "Goals, batch-1 decode",
-                    "time to first token, 8-frame video", "prefill 1024 tokens, attention 'auto'"):
+                    "time to first token, 8-frame video", "prefill 1024 tokens, attention 'auto'",
+                    "serving engine, 8 slots busy"):
             assert row in text, row
     assert "commit `" in md and "Card:" in md
 

@@ -96,6 +96,12 @@ def render(plan: Plan, meta: dict, jx: dict, th: dict, der: dict) -> tuple[str, 
                      cell(r["jax_step_ms"], r["jax_tok_s"]), cell(r["torch_step_ms"], r["torch_tok_s"]),
                      _fmt(r.get("speedup"), ".2f", "×"), _fmt(r.get("floor_ms"), ".2f", " ms"),
                      _fmt(r.get("floor_fraction") and r["floor_fraction"] * 100, ".0f", " %")))
+    served = jx.get("serve_b8")
+    if served:
+        rows.append((f"serving engine, {served['slots']} slots busy ({served['prompt_tokens']}-token prompts, "
+                     f"{served['new_tokens']} new; whole load {served['tok_s']:.0f} tok/s)",
+                     f"{served['step_ms']:.2f} ms/step ({served['step_tok_s']:.0f} tok/s; "
+                     f"{served['vs_vllm_452']:.2f}× vLLM's 452)", "—", "—", "—", "—"))
     video = jx.get("video_ttft")
     if video:
         rows.append((f"time to first token, {video['frames']}-frame video ({video['pieces']} pieces, "

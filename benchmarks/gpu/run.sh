@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (single H100/H200, offline image with CUDA, JAX, PyTorch, transformers):
 #   1. benchmarks/gpu/bench.py: MiniCPM-V 2.6 at full size, JAX vs the PyTorch reference (TTFT, vision,
-#      prefill, decode at batch 1/8/32, peak memory, HBM floor; JAX only: a 64-frame video's TTFT and
-#      long prefills at 4k / 16k tokens per attention kernel, dense "xla" vs "auto"), at most BENCH_BUDGET s;
+#      prefill, decode at batch 1/8/32, peak memory, HBM floor; JAX only: the serving engine's decode step
+#      with 8 busy slots against vLLM's published 452 tok/s, a 64-frame video's TTFT and long prefills at
+#      4k / 16k tokens per attention kernel, dense "xla" vs "auto"), at most BENCH_BUDGET s;
 #   2. the test suite on the GPU with float32 matmuls at full precision, in the time left of RUN_BUDGET
 #      (the attention kernels' tests first: cuDNN and the Pallas GPU decode kernel run natively there),
 #      the tests that exercise GPU numerics first (it is usually cut by the budget: see tests.log).
