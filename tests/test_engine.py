@@ -152,6 +152,12 @@ def test_cancel_frees_the_slot(tiny_model, tiny_processor, conversations):
     queued.cancel()
     engine.run_until_idle()
     assert queued.finish_reason == "cancelled" and queued.completion_tokens == 0
+    # the same request submitted twice: cancelling one submission leaves the other
+    twice = _requests(tiny_processor, conversations[5:6], [4], **GREEDY)[0]
+    first, second = engine.submit(twice), engine.submit(twice)
+    first.cancel()
+    engine.run_until_idle()
+    assert first.finish_reason == "cancelled" and second.result().finish_reason in ("stop", "length")
 
 
 def test_refusals(tiny_model, tiny_processor, conversations):

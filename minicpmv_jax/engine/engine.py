@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import itertools
 import logging
 import pickle
 import threading
 import time
-import functools
 from typing import Any
 
 import jax
@@ -158,6 +159,7 @@ class Engine:
         self._multihost = jax.process_count() > 1
         self._leader = jax.process_index() == 0
         self._inbox: list[RequestHandle] = []      # submitted, not yet sent to the other processes
+        self._keys = itertools.count()               # a number per submission (request ids may repeat)
         self._leader_stopped = False
 
     # ------------------------------------------------------------------ submitting
@@ -200,6 +202,7 @@ class Engine:
                 raise EngineStopped("the engine is shutting down and accepts no new requests")
             if len(self._queue) + len(self._inbox) >= self.config.max_queue:
                 raise QueueFull(f"the queue is full ({self.config.max_queue} requests waiting): try again later")
+            handle.key = next(self._keys)
             (self._inbox if self._multihost else self._queue).append(handle)
             self._lock.notify_all()
         return handle
@@ -265,20 +268,20 @@ class Engine:
 
     # ------------------------------------------------------------------ several processes
 
-    def _sync(self, stop: bool = False) -> set[str]:
+    def _sync(self, stop: bool = False) -> set[int]:
         """This iteration's inputs, the same on every process: the requests submitted since the last step
-        join the queue, and the ids of the cancelled requests are returned. On several processes process 0
+        join the queue, and the keys of the cancelled requests are returned. On several processes process 0
         sends them (``stop``: the engine stops) and the others receive them."""
         with self._lock:
             new, self._inbox = self._inbox, []
             live = list(self._queue) + new + [r.handle for r in self._running if r is not None]
             live += [] if self._prefill is None else [self._prefill.handle]
-        cancelled = {h.request_id for h in live if h.cancelled}
+        cancelled = {h.key for h in live if h.cancelled}
         if self._multihost:
-            sent = _broadcast((stop, [h.request for h in new], sorted(cancelled)) if self._leader else None)
+            sent = _broadcast((stop, [(h.key, h.request) for h in new], sorted(cancelled)) if self._leader else None)
             stop, requests, cancelled = sent[0], sent[1], set(sent[2])
             if not self._leader:
-                new = [_Mirror(r) for r in requests]
+                new = [_Mirror(request, key) for key, request in requests]
             self._leader_stopped = stop
         with self._lock:
             self._queue.extend(new)
@@ -295,17 +298,17 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop's parts
 
-    def _cancel(self, cancelled: set[str]) -> None:
+    def _cancel(self, cancelled: set[int]) -> None:
         for b, r in enumerate(self._running):
-            if r is not None and r.handle.request_id in cancelled:
+            if r is not None and r.handle.key in cancelled:
                 self._release[b] = True
                 self._end(b, "cancelled")
         p = self._prefill
-        if p is not None and p.handle.request_id in cancelled:
+        if p is not None and p.handle.key in cancelled:
             self._prefill = None
             self._close(p.handle, "cancelled")
         with self._lock:
-            gone = [h for h in self._queue if h.request_id in cancelled]
+            gone = [h for h in self._queue if h.key in cancelled]
             for h in gone:
                 self._queue.remove(h)
         for h in gone:
@@ -513,6 +516,10 @@ class Engine:
 
 class _Mirror(RequestHandle):
     """A request on processes 1…: run like process 0's, its answer read by nobody."""
+
+    def __init__(self, request: Request, key: int) -> None:
+        super().__init__(request)
+        self.key = key
 
     def _emit(self, output) -> None:
         pass

@@ -116,6 +116,7 @@ class RequestHandle:
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.request = request
         self.request_id = request.request_id
+        self.key = -1          # the engine's number for this submission (set by Engine.submit)
         self.prompt_tokens = request.prompt_tokens
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
