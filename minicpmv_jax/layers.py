@@ -59,22 +59,10 @@ def batch_einsum(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     contracts over ``(B, T)`` and writes a transposed copy of the activation gradient first (in the decoder's
     SwiGLU with the gate's derivative fused into that strided copy, and computed a second time, untransposed,
     for the input's gradient: forward + backward of the MLP 108 → 79 ms at ``benchmarks/train_cpu.py``'s
-    shapes on 2 cores). Fewer than two such axes: the einsum as given. Likewise two or more contracted axes
-    that end ``x`` and start the kernel are merged into one (below).
+    shapes on 2 cores). Fewer than two such axes: the einsum as given.
     """
     inputs, out = equation.replace(" ", "").split("->")
     x_axes, kernel_axes = inputs.split(",")
-    # Contracted axes that end x and start the kernel in the same order (the attention output's "NH" of
-    # "BTNH,NHD->BTD") become one: a free reshape of both, where XLA:CPU would otherwise transpose the
-    # kernel to its preferred contraction order on every call (hoisted out of a decode loop, not out of
-    # a decode step called from Python: ≈ 3 MB per layer per step at the Qwen2-0.5B shape).
-    contracted = "".join(c for c in kernel_axes if c in x_axes and c not in out)
-    if len(contracted) >= 2 and x_axes.endswith(contracted) and kernel_axes.startswith(contracted) \
-            and "." not in equation:
-        k = len(contracted)
-        merged = next(c for c in "MNOPQRSTUVWXYZABCDEFGHIJKL" if c not in equation)
-        return batch_einsum(f"{x_axes[:-k]}{merged},{merged}{kernel_axes[k:]}->{out}",
-                            x.reshape(x.shape[:-k] + (-1,)), kernel.reshape((-1,) + kernel.shape[k:]))
     lead = 0
     while (lead < min(len(x_axes), len(out)) and x_axes[lead] == out[lead] and x_axes[lead] not in kernel_axes
            and x_axes[lead] != "."):

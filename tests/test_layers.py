@@ -23,23 +23,3 @@ def test_per_piece_on_cpu_equals_the_batched_call():
     assert "stablehlo.while" in looped.lower(x, w).as_text()
     for got, want in zip(looped(x, w), fn(x, w, None)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
-
-
-def test_batch_einsum_merges_contracted_axes_that_end_the_input_and_start_the_kernel():
-    """The attention output projection "BTNH,NHD->BTD": the same values as the einsum, and the compiled
-    product reads the kernel as it is stored (no transposed copy of it, which a decode step called from
-    Python would pay on every call)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from minicpmv_jax.layers import batch_einsum
-
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 3, 14, 64)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((14, 64, 96)), jnp.float32)
-    got = batch_einsum("BTNH,NHD->BTD", x, kernel)
-    want = jnp.einsum("BTNH,NHD->BTD", x, kernel, precision=jax.lax.Precision.HIGHEST)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
-    compiled = jax.jit(lambda a, b: batch_einsum("BTNH,NHD->BTD", a, b)).lower(x, kernel).compile().as_text()
-    assert "f32[64,14,96]" not in compiled, "the kernel is transposed before the product"
