@@ -111,7 +111,6 @@ class _Prefill:
     slot: int
     x: jax.Array
     mask: jax.Array
-    positions: jax.Array
     cache: KVCache
     length: int          # L, real prompt tokens
     chunk: int
@@ -330,9 +329,7 @@ class Engine:
     def _start_prefill(self, handle: RequestHandle, slot: int) -> _Prefill:
         model = self.model
         prepared = prepare_batch(model, handle.request.prompt)   # image pieces through the feature cache
-        mask = np.asarray(fetch(prepared.mask))
-        t = mask.shape[1]
-        positions = np.where(mask, np.cumsum(mask, axis=-1) - 1, 1).astype(np.int32)
+        t = prepared.ids.shape[1]
         x = S.embed_prompt(self._graphdef, self._params, prepared.ids, prepared.features, prepared.feature_index,
                            context=self._context)
         chunk = min(self.config.prefill_chunk, t)
@@ -340,8 +337,7 @@ class Engine:
             kernel = model.llm.attention_kernel(chunk, cached=True)
         if kernel not in ("blockwise", "xla"):
             chunk = t                  # the platform kernels prefill from slot 0 only
-        return _Prefill(handle=handle, slot=slot, x=x, mask=prepared.mask, positions=model.put(positions),
-                        cache=self._staging(t), length=handle.prompt_tokens, chunk=chunk,
+        return _Prefill(handle=handle, slot=slot, x=x, mask=prepared.mask, cache=self._staging(t), length=handle.prompt_tokens, chunk=chunk,
                         starts=list(range(0, t, chunk)))
 
     def _staging(self, t: int) -> KVCache:
@@ -366,7 +362,7 @@ class Engine:
     def _prefill_next(self) -> None:
         p = self._prefill
         start = p.starts.pop(0)
-        p.cache, p.logits = S.prefill_chunk(self._graphdef, self._params, p.cache, p.x, p.mask, p.positions,
+        p.cache, p.logits = S.prefill_chunk(self._graphdef, self._params, p.cache, p.x, p.mask,
                                             np.int32(start), chunk=p.chunk, context=self._context)
         if p.starts:
             return
@@ -420,12 +416,13 @@ class Engine:
             else:
                 h._emit(Output(text, (token,), None, h.prompt_tokens, h.completion_tokens))
 
-    def _end(self, slot: int, reason: str, text: str = "", token_ids: tuple[int, ...] = ()) -> None:
+    def _end(self, slot: int, reason: str, text: str = "", token_ids: tuple[int, ...] = (),
+             error: BaseException | None = None) -> None:
         r = self._running[slot]
         with self._lock:
             self._running[slot] = None
             self._lock.notify_all()
-        self._close(r.handle, reason, text, token_ids)
+        self._close(r.handle, reason, text, token_ids, error)
 
     def _close(self, handle: RequestHandle, reason: str, text: str = "", token_ids: tuple[int, ...] = (),
                error: BaseException | None = None) -> None:
@@ -466,9 +463,7 @@ class Engine:
         for b, r in enumerate(self._running):
             if r is not None:
                 self._release[b] = True
-                with self._lock:
-                    self._running[b] = None
-                self._close(r.handle, "error", error=EngineError(why))
+                self._end(b, "error", error=EngineError(why))
         if self._prefill is not None:
             p, self._prefill = self._prefill, None
             self._close(p.handle, "error", error=EngineError(why))

@@ -35,6 +35,7 @@ from minicpmv_jax import kv_cache, sampling, sharding
 from minicpmv_jax.attention import Mask
 from minicpmv_jax.generate import prompt_embeddings
 from minicpmv_jax.kv_cache import KVCache
+from minicpmv_jax.qwen2 import positions_from_mask
 
 __all__ = ["Slots", "StepOutput", "empty_slots", "embed_prompt", "prefill_chunk", "insert", "decode_step",
            "MAX_STOP_IDS"]
@@ -128,14 +129,14 @@ def embed_prompt(graphdef, params, ids, features, feature_index, *, context: sha
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "context"), donate_argnames=("cache",))
-def prefill_chunk(graphdef, params, cache: KVCache, x, mask, positions, start, *, chunk: int,
+def prefill_chunk(graphdef, params, cache: KVCache, x, mask, start, *, chunk: int,
                   context: sharding.ShardingContext):
     """Runs prompt tokens ``[start, start + chunk)`` into the staging cache.
 
     Args:
       cache: the staging cache ``[1, T, K, H]`` (donated).
       x: the whole prompt's embeddings ``[1, T, D]``; mask ``[1, T]`` bool (left padding False);
-        positions ``[1, T]`` int32.
+        position ids follow from the mask (:func:`~minicpmv_jax.qwen2.positions_from_mask`).
       start: int32 ``[]``, the chunk's first slot; when ``chunk == T`` the prompt runs in one pass from
         slot 0 (the offset static, as in :func:`minicpmv_jax.generate.prefill`).
 
@@ -144,6 +145,7 @@ def prefill_chunk(graphdef, params, cache: KVCache, x, mask, positions, start, *
     """
     model = nnx.merge(graphdef, params)
     t = x.shape[1]
+    positions = positions_from_mask(mask)
     with sharding.use_mesh(context):
         cache = kv_cache.constrain(cache)
         if chunk == t:
