@@ -129,22 +129,23 @@ ALTERNATIVES = (
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_llm(llm_cfg) -> nnx.Module:
+def _abstract_llm(llm_cfg, quantization=None) -> nnx.Module:
     """The Qwen2 tower as shapes only (bfloat16), built like ``minicpmv_jax.model.abstract_model``."""
     def build():
         with nnx.var_defaults(ref=True):
             rngs = nnx.Rngs(0)
-        return Qwen2(llm_cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=rngs)
+        return Qwen2(llm_cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=rngs, quantization=quantization)
 
     return nnx.eval_shape(build)
 
 
 def compile_decode_step(llm_cfg, mesh, batch: int, cache_len: int, rules: sharding.Rules = sharding.RULES,
-                        constrain: bool = True):
+                        constrain: bool = True, quantization=None):
     """``jax.jit(step).lower(...).compile()`` of one decode step on ``mesh`` (abstract inputs only); the
     residual stream is constrained per ``rules`` (traced in ``sharding.use_mesh(mesh, rules)``, as
-    ``generate``'s programs are), unless ``constrain=False``."""
-    abstract = _abstract_llm(llm_cfg)
+    ``generate``'s programs are), unless ``constrain=False``. ``quantization``: the projections'
+    (:class:`minicpmv_jax.quantization.QuantizationConfig`, None: bfloat16)."""
+    abstract = _abstract_llm(llm_cfg, quantization)
     graphdef = nnx.graphdef(abstract)
     params = sharding.abstract_with_shardings(abstract, mesh, rules)
     abstract_cache = jax.eval_shape(lambda: kv_cache.KVCache.zeros(llm_cfg, batch, cache_len))

@@ -25,6 +25,7 @@ from flax import nnx
 
 from .config import MiniCPMVConfig
 from .hf_checkpoint import HFCheckpoint
+from .quantization import QuantizedEinsum
 
 Path = tuple[str | int, ...]
 
@@ -263,13 +264,25 @@ def load_entries(module: nnx.Module, read: Callable[[str], np.ndarray], entries:
     e.g. ``in_proj``, is read once). ``strip`` drops leading path components, to fill one tower's module
     on its own (``strip=1`` with the ``vpm`` entries fills a bare ``VisionEncoder``). ``where(name)``
     names the tensor's location in errors. Every parameter of the towers named by ``entries`` must be
-    filled by exactly one entry; shapes are checked after the transform. Returns the filled module.
+    filled by exactly one entry; shapes are checked after the transform. The kernel of a
+    :class:`~minicpmv_jax.quantization.QuantizedEinsum` is quantized as it is read (filling its ``scale``
+    too). Returns the filled module.
     """
     graphdef, state = nnx.split(module)
     flat = dict(nnx.to_flat_state(state))
     towers = {e.path[:1] for e in entries}
     todo = set(flat) if strip else {p for p in flat if p[:1] in towers}
+    quantized = {tuple(p): m for p, m in nnx.iter_modules(module) if isinstance(m, QuantizedEinsum)}
     cached_name, cached = None, None
+
+    def put(path: Path, arr: np.ndarray) -> None:
+        sharding = shardings.get(path) if shardings else None
+        if sharding is None:
+            flat[path].set_value(jnp.asarray(arr))
+        else:  # each device (of this process) takes its slice; works for multi-process meshes too
+            flat[path].set_value(jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index]))
+        todo.discard(path)
+
     for e in entries:
         path = e.path[strip:]
         if path not in todo:
@@ -282,13 +295,13 @@ def load_entries(module: nnx.Module, read: Callable[[str], np.ndarray], entries:
         if tuple(value.shape) != tuple(var.shape):
             raise ValueError(f"{where(e.name)}: tensor {e.name} maps to shape {list(value.shape)}, "
                              f"the model expects {list(var.shape)}")
-        arr = value.astype(var.dtype)
-        sharding = shardings.get(path) if shardings else None
-        if sharding is None:
-            var.set_value(jnp.asarray(arr))
-        else:  # each device (of this process) takes its slice; works for multi-process meshes too
-            var.set_value(jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index]))
-        todo.discard(path)
+        layer = quantized.get(path[:-1]) if path[-1] == "kernel" else None
+        if layer is not None:   # quantized here, one tensor at a time: the float kernel is dropped at once
+            qvalue, scale = layer.set_from_float(value)
+            put(path, np.asarray(qvalue))
+            put(path[:-1] + ("scale",), np.asarray(scale))
+        else:
+            put(path, value.astype(var.dtype))
     if todo:
         first = sorted(todo, key=str)[0]
         raise RuntimeError(f"parameter {'/'.join(map(str, first))} was not filled by the name table")

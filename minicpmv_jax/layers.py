@@ -52,9 +52,10 @@ ones: Initializer = lambda key, shape, dtype: jnp.ones(shape, dtype)  # noqa: E7
 normal: Initializer = lambda key, shape, dtype: jax.random.normal(key, shape, dtype)  # noqa: E731
 
 
-def batch_einsum(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``jnp.einsum(equation, x, kernel)`` with the leading axes that x and the result share and the kernel
-    lacks (the batch-like ``B, T`` of ``"BTD,DF->BTF"``) merged into one for the product.
+def batch_einsum(equation: str, x: jax.Array, kernel, product: Callable = jnp.einsum) -> jax.Array:
+    """``product(equation, x, kernel)`` (``jnp.einsum``; ``qwix.einsum`` for a quantized kernel) with the
+    leading axes that x and the result share and the kernel lacks (the batch-like ``B, T`` of
+    ``"BTD,DF->BTF"``) merged into one for the product.
 
     Same maths, one batch-like axis: the kernel's gradient then contracts over one axis ``[B·T]`` instead of
     two, which XLA:CPU lowers to a plain matrix product of row-major operands; with ``B`` and ``T`` separate it
@@ -63,7 +64,7 @@ def batch_einsum(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     for the input's gradient: forward + backward of the MLP 108 → 79 ms at ``benchmarks/train_cpu.py``'s
     shapes on 2 cores). Fewer than two such axes: the einsum as given.
 
-    In a program traced without a mesh (one device), two or more contracted axes that end ``x`` and start
+    In a program traced without a mesh (one device) and with the plain ``jnp.einsum``, two or more contracted axes that end ``x`` and start
     the kernel in the same order (the attention output's ``NH`` of ``"BTNH,NHD->BTD"``) are merged into one
     as well: a free reshape of both. Left as they are, XLA:CPU copies the kernel into its preferred
     contraction order on every call: hoisted out of a compiled decode loop, not out of a decode step called
@@ -76,7 +77,7 @@ def batch_einsum(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     contracted = "".join(c for c in kernel_axes if c in x_axes and c not in out)
     mesh = sharding.current_context().mesh
     if (len(contracted) >= 2 and x_axes.endswith(contracted) and kernel_axes.startswith(contracted)
-            and "." not in equation and (mesh is None or mesh.size == 1)):
+            and "." not in equation and (mesh is None or mesh.size == 1) and product is jnp.einsum):
         k = len(contracted)
         merged = next(c for c in "MNOPQRSTUVWXYZABCDEFGHIJKL" if c not in equation)
         return batch_einsum(f"{x_axes[:-k]}{merged},{merged}{kernel_axes[k:]}->{out}",
@@ -86,10 +87,10 @@ def batch_einsum(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
            and x_axes[lead] != "."):
         lead += 1
     if lead < 2:
-        return jnp.einsum(equation, x, kernel)
+        return product(equation, x, kernel)
     merged = next(c for c in "MNOPQRSTUVWXYZABCDEFGHIJKL" if c not in equation)
     flat = f"{merged}{x_axes[lead:]},{kernel_axes}->{merged}{out[lead:]}"
-    y = jnp.einsum(flat, x.reshape((-1,) + x.shape[lead:]), kernel)
+    y = product(flat, x.reshape((-1,) + x.shape[lead:]), kernel)
     return y.reshape(x.shape[:lead] + y.shape[1:])
 
 

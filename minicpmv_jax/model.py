@@ -32,6 +32,7 @@ from .hf_checkpoint import CheckpointError  # noqa: F401 (re-exported)
 from .host import fetch, put
 from .hub import resolve_model
 from .image_inputs import ImageInputs, batch_image_inputs, place_features
+from .quantization import QuantizationConfig, as_quantization
 from .qwen2 import Qwen2
 from .resampler import Resampler
 from .vision import VisionEncoder
@@ -60,12 +61,14 @@ class MiniCPMVModel(nnx.Module):
     """
 
     def __init__(self, config: MiniCPMVConfig, *, dtype=jnp.bfloat16, param_dtype=None, rngs: nnx.Rngs,
-                 attention: str = "auto"):
+                 attention: str = "auto", quantize: str | QuantizationConfig | None = None):
         self.config = config
         self.dtype = as_dtype(dtype)
         self.param_dtype = as_dtype(param_dtype if param_dtype is not None else dtype, "param_dtype")
+        #: The language model's weight-only quantization (None: its projections are in ``param_dtype``).
+        self.quantization = as_quantization(quantize)
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
-        self.llm = Qwen2(config.llm, **common, attention=attention)
+        self.llm = Qwen2(config.llm, **common, attention=attention, quantization=self.quantization)
         self.vpm = VisionEncoder(config, **common)
         self.resampler = Resampler(config.resampler, **common)
 
@@ -84,7 +87,8 @@ class MiniCPMVModel(nnx.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: Any = "bfloat16", mesh=None, *,
                         param_dtype: Any = None, rules: sharding.Rules = sharding.RULES,
-                        attention: str = "auto") -> "MiniCPMVModel":
+                        attention: str = "auto", quantize: str | QuantizationConfig | None = None
+                        ) -> "MiniCPMVModel":
         """Loads an HF-format checkpoint folder (single or sharded safetensors) or a folder written by
         ``minicpmv-jax convert`` (an Orbax restore, see :mod:`minicpmv_jax.orbax_checkpoint`).
 
@@ -107,11 +111,20 @@ class MiniCPMVModel(nnx.Module):
         ``attention`` chooses the language model's attention kernel (``"auto"``: the best available for
         the backend and phase; ``"xla"``, ``"blockwise"``, ``"cudnn"``, ``"splash"``, ``"gpu_decode"``; see
         :mod:`minicpmv_jax.attention`). ``model.llm.attention`` may be changed later.
+
+        ``quantize`` (``"int8"``, ``"int4"`` or a :class:`~minicpmv_jax.quantization.QuantizationConfig`)
+        quantizes the language model's projections while loading, tensor by tensor: the float language
+        model is never held whole. The vision tower and resampler stay in ``param_dtype``. A folder written
+        by ``minicpmv-jax convert --quantize`` loads as it was quantized (``quantize`` may be left out, or
+        must name the same scheme).
         """
         _check_mesh(mesh)
         folder = resolve_model(path)
         config = MiniCPMVConfig.from_pretrained(folder)
-        abstract = abstract_model(config, dtype, param_dtype, cls=cls, attention=attention)
+        quantization = as_quantization(quantize)
+        if orbax_checkpoint.is_converted(folder):
+            quantization = orbax_checkpoint.stored_quantization(folder, quantization)
+        abstract = abstract_model(config, dtype, param_dtype, cls=cls, attention=attention, quantize=quantization)
         shardings = None if mesh is None else sharding.flat_param_shardings(abstract, mesh, rules)
         if orbax_checkpoint.is_converted(folder):            # written by `minicpmv-jax convert`
             model = orbax_checkpoint.restore_params(folder, abstract, shardings=shardings)
@@ -248,7 +261,8 @@ def _check_mesh(mesh, required: bool = False) -> None:
 
 
 def abstract_model(config: MiniCPMVConfig, dtype: Any = "bfloat16", param_dtype: Any = None, *,
-                   cls: type[MiniCPMVModel] = MiniCPMVModel, attention: str = "auto") -> MiniCPMVModel:
+                   cls: type[MiniCPMVModel] = MiniCPMVModel, attention: str = "auto",
+                   quantize: str | QuantizationConfig | None = None) -> MiniCPMVModel:
     """The model as shapes, dtypes and logical axes only (``nnx.eval_shape``: nothing allocated).
 
     The RNG streams are created as array refs (``nnx.var_defaults(ref=True)``; the parameters are not):
@@ -259,6 +273,7 @@ def abstract_model(config: MiniCPMVConfig, dtype: Any = "bfloat16", param_dtype:
     def build() -> MiniCPMVModel:
         with nnx.var_defaults(ref=True):
             rngs = nnx.Rngs(0)
-        return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention)
+        return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention,
+                   quantize=quantize)
 
     return nnx.eval_shape(build)

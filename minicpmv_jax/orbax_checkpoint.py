@@ -33,6 +33,7 @@ from flax import nnx
 from .checkpoint_files import MANIFEST_FILE, PARAMS_DIR, is_converted  # noqa: F401 (re-exported)
 from .checkpoint_names import Path
 from .hf_checkpoint import CheckpointError
+from .quantization import QuantizationConfig
 from .version import __version__
 
 FORMAT = "minicpmv-jax/orbax"
@@ -162,6 +163,28 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         raise CheckpointError(f"{file}: format_version {manifest.get('format_version')!r}, this build reads "
                               f"version {FORMAT_VERSION}; convert the HF folder again")
     return manifest
+
+
+def stored_quantization(folder: str | os.PathLike, requested: QuantizationConfig | None = None
+                        ) -> QuantizationConfig | None:
+    """The quantization a converted folder's parameters were written with (its manifest's
+    ``quantization``; None: float), checked against ``requested`` (None accepts what is stored).
+
+    A folder is loaded as it was written: asking for another scheme than the stored one (or for one on a
+    float folder) is a ``CheckpointError`` naming both, since re-quantizing stored integers would compound
+    the rounding; convert the HF folder again instead."""
+    file = os.path.join(folder, MANIFEST_FILE)
+    record = read_manifest(folder).get("quantization")
+    try:
+        stored = None if record is None else QuantizationConfig.from_json(record, where=f"{file}: quantization")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    if requested is not None and requested != stored:
+        raise CheckpointError(f"{file}: the parameters were written "
+                              + ("unquantized" if stored is None else f"quantized as {stored}")
+                              + f"; asked to load them as {requested}. Leave quantize out to load them as "
+                              "they are, or convert the HF folder again with that --quantize")
+    return stored
 
 
 # --------------------------------------------------------------------------- restore

@@ -13,6 +13,10 @@ Parameter layout (the checkpoint transforms live in :mod:`minicpmv_jax.checkpoin
     layers[i].input_norm / post_attn_norm / norm  [D]  ('norm',)
     lm_head                 [D, V]     ('embed', 'vocab')
 
+With ``quantization`` (:mod:`minicpmv_jax.quantization`) the seven projections of every layer (and
+``lm_head`` if asked) are ``QuantizedEinsum``: ``kernel`` int8/int4 of the same shape and axes, plus
+``scale``.
+
 Activations: the residual stream ``[B, T, D]`` is constrained to ``sharding.RESIDUAL_AXES`` after the
 embedding and after every layer, in the sharding context the program is traced in
 (:mod:`minicpmv_jax.sharding.context`; no constraint without a mesh). The tower names the axes; which
@@ -34,6 +38,7 @@ from . import kv_cache as kvc
 from .attention import IMPLEMENTATIONS, Mask, attention, resolve
 from .config import Qwen2Config
 from .layers import Einsum, RMSNorm, normal, param
+from .quantization import QuantizationConfig, QuantizedEinsum
 
 # --------------------------------------------------------------------------- pure maths
 
@@ -63,11 +68,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 # --------------------------------------------------------------------------- modules
 
 
+def projection(quantization: QuantizationConfig | None):
+    """The class of a decoder projection: :class:`~minicpmv_jax.layers.Einsum`, or with ``quantization``
+    :class:`~minicpmv_jax.quantization.QuantizedEinsum` (same arguments)."""
+    if quantization is None:
+        return Einsum
+    return functools.partial(QuantizedEinsum, quantization=quantization)
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 quantization: QuantizationConfig | None = None):
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.theta = cfg.rope_theta
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        Einsum = projection(quantization)  # noqa: N806
         self.q = Einsum("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"),
                         bias_shape=(n, h), bias_axes=("heads", "head_dim"), **common)
         self.k = Einsum("BSD,DKH->BSKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
@@ -92,9 +107,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 quantization: QuantizationConfig | None = None):
         d, f = cfg.hidden_size, cfg.intermediate_size
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        Einsum = projection(quantization)  # noqa: N806
         self.gate = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **common)
         self.up = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), **common)
         self.down = Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), **common)
@@ -104,8 +121,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 quantization: QuantizationConfig | None = None):
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, quantization=quantization)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.attn = Attention(cfg, **common)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
@@ -137,7 +155,7 @@ class Qwen2(nnx.Module):
     """
 
     def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
-                 attention: str = "auto"):
+                 attention: str = "auto", quantization: QuantizationConfig | None = None):
         if attention not in IMPLEMENTATIONS:
             raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {attention!r}")
         self.config = cfg
@@ -145,9 +163,11 @@ class Qwen2(nnx.Module):
         self.attention = attention
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embedder(cfg.vocab_size, cfg.hidden_size, **common)
-        self.layers = nnx.List([DecoderLayer(cfg, **common) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, **common, quantization=quantization)
+                                for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
-        self.lm_head = Einsum("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), **common)
+        head = projection(quantization if quantization is not None and quantization.lm_head else None)
+        self.lm_head = head("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), **common)
         # Rematerialise each decoder layer in the backward pass (training; only without a cache): the
         # forward keeps one [B, T, D] residual per layer instead of every intermediate.
         self.remat = False

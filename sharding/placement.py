@@ -23,10 +23,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .context import current_context
-from .rules import CACHE_AXES, RULES, Rules, logical_to_spec
+from .rules import CACHE_AXES, RULES, Rules, logical_to_spec, shards_per_dim
 
 __all__ = [
-    "logical_axes_of", "param_specs", "param_shardings", "flat_param_shardings", "abstract_with_shardings",
+    "logical_axes_of", "param_specs", "flat_param_specs", "param_shardings", "flat_param_shardings",
+    "abstract_with_shardings",
     "shard_model", "batch_spec", "batch_sharding", "shard_batch", "kv_cache_spec", "kv_cache_sharding",
     "constrain",
 ]
@@ -70,14 +71,45 @@ def _map_params(fn: Callable[[Path, nnx.Variable], Any], module_or_state) -> nnx
     return nnx.from_flat_state([(path, var.replace(fn(path, var))) for path, var in flat])
 
 
+def flat_param_specs(module_or_state, mesh, rules: Rules = RULES) -> dict[Path, PartitionSpec]:
+    """``{nnx path: PartitionSpec}`` of every parameter: its logical axes resolved by the rules.
+
+    A parameter created with ``follows=NAME`` metadata (a quantized kernel's ``scale``: ``follows="kernel"``)
+    takes its sibling ``NAME``'s resolved spec instead, per dimension where that split divides its own size
+    (else that dimension is replicated). The rules fall back by divisibility per array, so resolving a
+    scale ``[1, 1, D]`` on its own could split ``D`` over an axis its kernel ``[N, H, D]`` spends on ``H``;
+    following keeps a scale on the devices that hold its kernel's columns.
+    """
+    flat = list(nnx.to_flat_state(_param_state(module_or_state)))
+    specs = {path: logical_to_spec(logical_axes_of(var, path), var.get_value().shape, mesh, rules)
+             for path, var in flat if var.get_metadata().get("follows") is None}
+    for path, var in flat:
+        follows = var.get_metadata().get("follows")
+        if follows is None:
+            continue
+        lead = specs.get(path[:-1] + (follows,))
+        if lead is None:
+            raise ValueError(f"parameter {_show(path)} follows {follows!r}, which is not a parameter beside it")
+        shape = var.get_value().shape
+        logical_axes_of(var, path)                       # checked all the same
+        per_dim = shards_per_dim(lead, len(shape), mesh)
+        specs[path] = PartitionSpec(*(entry if shape[i] % per_dim[i] == 0 else None
+                                      for i, entry in enumerate(tuple(lead) + (None,) * (len(shape) - len(lead)))))
+    return specs
+
+
+def _flat_param_values(module_or_state, values: dict[Path, Any]) -> nnx.State:
+    flat = nnx.to_flat_state(_param_state(module_or_state))
+    return nnx.from_flat_state([(path, var.replace(values[path])) for path, var in flat])
+
+
 def param_specs(module_or_state, mesh, rules: Rules = RULES) -> nnx.State:
     """``PartitionSpec`` of every parameter (tree mirroring ``nnx.state(model, nnx.Param)``).
 
     ``mesh`` may be abstract (:func:`minicpmv_jax.sharding.mesh.abstract_mesh`, or a ``(d, f, t)`` tuple): only the axis
     sizes matter. Works on concrete and abstract (``nnx.eval_shape``) models alike.
     """
-    return _map_params(lambda path, var: logical_to_spec(logical_axes_of(var, path), var.get_value().shape,
-                                                          mesh, rules), module_or_state)
+    return _flat_param_values(module_or_state, flat_param_specs(module_or_state, mesh, rules))
 
 
 def param_shardings(module_or_state, mesh: Mesh, rules: Rules = RULES) -> nnx.State:
@@ -90,8 +122,7 @@ def param_shardings(module_or_state, mesh: Mesh, rules: Rules = RULES) -> nnx.St
 def flat_param_shardings(module_or_state, mesh: Mesh, rules: Rules = RULES) -> dict[Path, NamedSharding]:
     """``{nnx path: NamedSharding}``, e.g. ``("llm", "layers", 0, "attn", "q", "kernel")`` — the form the
     loaders take (``load_entries(..., shardings=)``, ``restore_params(..., shardings=)``)."""
-    return {path: var.get_value() for path, var in nnx.to_flat_state(param_shardings(module_or_state, mesh,
-                                                                                      rules))}
+    return {path: NamedSharding(mesh, spec) for path, spec in flat_param_specs(module_or_state, mesh, rules).items()}
 
 
 def abstract_with_shardings(module_or_state, mesh: Mesh, rules: Rules = RULES) -> nnx.State:
@@ -101,10 +132,11 @@ def abstract_with_shardings(module_or_state, mesh: Mesh, rules: Rules = RULES) -
     Restoring into this tree (Orbax) reads each device's shards directly; ``nnx.merge(graphdef, tree)``
     gives an abstract model whose leaves say where every parameter will live.
     """
+    specs = flat_param_specs(module_or_state, mesh, rules)
+
     def leaf(path, var):
         value = var.get_value()
-        spec = logical_to_spec(logical_axes_of(var, path), value.shape, mesh, rules)
-        return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=NamedSharding(mesh, spec))
+        return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=NamedSharding(mesh, specs[path]))
 
     return _map_params(leaf, module_or_state)
 
@@ -117,9 +149,10 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = RULES) -> nnx.Modu
     re-sharding with a table that differs only in activation rows, e.g. ``TRAINING_RULES``, free, and
     possible for arrays that span several processes).
     """
+    specs = flat_param_specs(model, mesh, rules)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = var.get_value()
-        target = NamedSharding(mesh, logical_to_spec(logical_axes_of(var, path), value.shape, mesh, rules))
+        target = NamedSharding(mesh, specs[path])
         if not (isinstance(value, jax.Array) and value.sharding == target):
             var.set_value(_put(value, target))
     return model

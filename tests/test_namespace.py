@@ -145,7 +145,7 @@ LAYERS = {
         "hf_checkpoint", "checkpoint_names", "orbax_checkpoint", "checkpoint_folder", "hub", "demo",
         "testing", "testing.checkpoint", "testing.tokenizer_files",
         # building blocks
-        "layers", "attention", "kv_cache"],
+        "layers", "attention", "kv_cache", "quantization"],
     "towers": ["vision", "resampler", "qwen2"],
     "model": ["model", "image_inputs"],
     "generation": ["generate", "sampling", "beam_search", "feature_cache", "memory_plan", "compiled_plan"],

@@ -189,10 +189,10 @@ def report():
     return module
 
 
-def _weight_collectives(report, shape, batch, rules):
+def _weight_collectives(report, shape, batch, rules, quantization=None):
     """Collectives of the compiled decode step (tiny widths, one layer) that move a parameter."""
     llm = dataclasses.replace(tiny().llm, num_hidden_layers=1)
-    compiled = report.compile_decode_step(llm, S.make_mesh(*shape), batch, 64, rules)
+    compiled = report.compile_decode_step(llm, S.make_mesh(*shape), batch, 64, rules, quantization=quantization)
     return [op for op in report.collectives(compiled.as_text(), 8) if op.weight]
 
 
@@ -204,6 +204,17 @@ def test_decode_step_moves_no_weight(report, shape):
     for batch in (1, 8):
         moved = _weight_collectives(report, shape, batch, S.RULES)
         assert moved == [], (shape, batch, [(op.kind, op.shapes, op.weight) for op in moved])
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=_mesh_id)
+def test_quantized_decode_step_moves_no_weight(report, shape):
+    """The same with int8 and int4 projections: the integer kernels and their scales stay where the rules
+    put them (a scale split with its output channels) at B = 8, the batch that once gathered kernels."""
+    from minicpmv_jax.quantization import QuantizationConfig
+
+    for mode in ("int8", "int4"):
+        moved = _weight_collectives(report, shape, 8, S.RULES, QuantizationConfig(mode))
+        assert moved == [], (shape, mode, [(op.kind, op.shapes, op.weight) for op in moved])
 
 
 def test_training_rules_gather_the_kernels_in_decode(report):
