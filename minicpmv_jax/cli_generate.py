@@ -63,6 +63,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (HF or converted), a Hugging Face Hub id, "
                    "or 'demo' (tiny random weights, offline)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the language model's projections (int8: per output channel; int4: groups of 128), applied while loading; a folder converted with --quantize loads as written")
     p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
                    help="the language model's attention kernel (default auto: blockwise prefill on CPU, cuDNN "
                    "on GPU, splash on TPU)")
@@ -163,7 +164,7 @@ def _load(args: argparse.Namespace):
     from minicpmv_jax import MiniCPMV, MiniCPMVProcessor
 
     folder = model_folder(args.model)
-    return (MiniCPMV.from_pretrained(folder, dtype=args.dtype, attention=args.attention),
+    return (MiniCPMV.from_pretrained(folder, dtype=args.dtype, attention=args.attention, quantize=args.quantize),
             MiniCPMVProcessor.from_pretrained(folder))
 
 

@@ -1,7 +1,7 @@
 """The ``serve`` subcommand of ``minicpmv-jax`` (see :mod:`minicpmv_jax.cli`): an OpenAI-compatible HTTP
 server (:mod:`minicpmv_jax.server`) over the serving engine (:mod:`minicpmv_jax.engine`).
 
-    minicpmv-jax serve --model PATH|HUB_ID|demo [--dtype D] [--attention A] [--mesh DxFxT]
+    minicpmv-jax serve --model PATH|HUB_ID|demo [--dtype D] [--quantize int8|int4] [--attention A] [--mesh DxFxT]
                        [--host 127.0.0.1] [--port 8000] [--served-model-name NAME] [--api-key KEY]
                        [--max-batch N] [--max-len L] [--max-queue Q] [--prefill-chunk C]
                        [--allowed-local-media DIR] [--max-images N] [--max-image-bytes B] ...
@@ -66,6 +66,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (HF or converted), a Hugging Face Hub id, "
                    "or 'demo' (tiny random weights, offline)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the language model's projections (int8: per output channel; int4: groups of 128), applied while loading; a folder converted with --quantize loads as written")
     p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
                    help="the language model's attention kernel (default auto: the best for this backend)")
     p.add_argument("--mesh", metavar="DxFxT", help="data × fsdp × tensor device mesh to shard the model on, e.g. "
@@ -130,7 +131,8 @@ def _serve(args: argparse.Namespace) -> int:
     from minicpmv_jax import MiniCPMV, MiniCPMVProcessor
 
     folder = model_folder(args.model)
-    model = MiniCPMV.from_pretrained(folder, dtype=args.dtype, mesh=mesh, attention=args.attention)
+    model = MiniCPMV.from_pretrained(folder, dtype=args.dtype, mesh=mesh, attention=args.attention,
+                                     quantize=args.quantize)
     processor = MiniCPMVProcessor.from_pretrained(folder)
     name = args.served_model_name or args.model
     if not leader:

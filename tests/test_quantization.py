@@ -201,3 +201,29 @@ def test_accuracy_against_float32_on_text_and_image_prompts(tiny_model, tiny_pro
     assert n >= 1000
     max_rel, min_top1 = BOUNDS[mode]
     assert rel <= max_rel and top1 >= min_top1, (mode, rel, top1)
+
+
+# --------------------------------------------------------------------------- the quantized model everywhere
+
+
+def test_cli_chat_and_the_engine_run_the_quantized_model(capsys, tiny_checkpoint, tiny_processor, quantized):
+    """``minicpmv-jax chat --quantize int8`` answers what the Python API's quantized model answers, and the
+    serving engine over that model gives each request its ``chat`` answer (greedy, token for token)."""
+    from minicpmv_jax import cli
+    from minicpmv_jax.engine import Engine, EngineConfig, request_from_messages
+    from minicpmv_jax.generation_config import GenerationConfig
+
+    model = quantized["int8"]
+    greedy = dict(sampling=False, num_beams=1, max_new_tokens=6)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    want = model.chat(msgs=msgs, processor=tiny_processor, **greedy)
+    assert cli.main(["chat", "--model", tiny_checkpoint[0], "--dtype", "float32", "--quantize", "int8",
+                     "--greedy", "--max-new-tokens", "6", msgs[0]["content"]]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    engine = Engine(model, tiny_processor, EngineConfig(max_batch=2, max_len=256))
+    convs = [msgs, [{"role": "user", "content": "Count to three."}]]
+    handles = [engine.submit(request_from_messages(tiny_processor, c, GenerationConfig.for_chat(**greedy)))
+               for c in convs]
+    engine.run_until_idle()
+    for conv, handle in zip(convs, handles):
+        assert handle.result().text == model.chat(msgs=conv, processor=tiny_processor, **greedy)
