@@ -206,6 +206,17 @@ def main(argv=None) -> None:
     print(f"engine TTFT                 {percentiles(ttft)}")
     print(f"engine time per output token {percentiles(tpot)}")
 
+    # What any scheduler could reach on this machine: the prompts' prefill (the same requests, answers cut
+    # to one token) plus every answer token at the full-batch step's cost per row. Prefill is compute-bound
+    # here, so batching prompts does not shrink it; the decode step is too, so a row costs step/slots.
+    wall_p, _, _ = run_engine(model, processor, [(c, 1) for c, _ in work], args.slots, args.max_len)
+    step_full = engine_step_time(model, processor, args.slots, args.slots, args.max_len)
+    floor = wall_p + (useful - len(work)) / args.slots * step_full
+    print(f"ceiling: the prompts alone take {wall_p:.1f} s (answers of 1 token); the other {useful - len(work)} "
+          f"tokens at {args.slots} per {step_full * 1e3:.0f} ms step take ≥ "
+          f"{(useful - len(work)) / args.slots * step_full:.1f} s → engine ≥ {floor:.1f} s, at most "
+          f"{wall_1 / floor:.2f}× one by one on this machine (measured {wall_1 / wall_e:.2f}×)")
+
     b = args.static_batch
     step_busy = engine_step_time(model, processor, b, b, args.max_len)
     loop_b = loop_per_token(model, b, 64)
