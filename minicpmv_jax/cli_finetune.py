@@ -6,13 +6,19 @@ on a data file of the reference format, with the loop of :mod:`minicpmv_jax.fine
         [--train-vision] [--no-train-resampler] [--steps N | --epochs E] [--batch-size B] [--grad-accum K]
         [--lr LR] [--warmup N] [--weight-decay W] [--max-grad-norm G] [--max-length L] [--mesh DxFxT]
         [--seed S] [--save-every N] [--eval-every N] [--log-every N] [--resume] [--on-bad skip|error]
-        [--dtype bfloat16|float32|float16] [--max-slice-nums N] [--keep-checkpoints N] [--no-export]
+        [--dtype bfloat16|float32|float16] [--quantize int8|int4] [--max-slice-nums N] [--keep-checkpoints N]
+        [--no-export]
 
 It writes ``DIR/log.jsonl``, ``DIR/checkpoints/`` and, at the end, ``DIR/model`` (LoRA merged), which
 ``minicpmv-jax chat --model DIR/model`` loads. ``--resume`` continues an interrupted run from its latest
 checkpoint with the same data order; without it ``DIR`` must be new or empty. ``--dtype`` is the dtype the
 base weights are loaded in, the computation dtype and the exported model's dtype; trained parameters and
 the optimizer state are float32 whatever it is.
+
+``--quantize int8|int4`` loads the base with its language model's projections quantized
+(``MiniCPMV.from_pretrained(..., quantize=)``) and trains LoRA adapters over them (QLoRA; ``--full`` is
+refused: integer weights cannot be trained). Checkpoints record it, ``--resume`` must give it again, and
+``DIR/model`` is a float model in ``--dtype`` (adapters merged into the dequantized kernels).
 
 Input errors (an unreadable or bad data file, a bad mesh, an existing output folder, a checkpoint of other
 settings) are one line on stderr and exit status 2, before the model is loaded where possible. They name
@@ -38,7 +44,8 @@ __all__ = ["add_finetune_parser"]
 #: ``finetune --help``'s description (the module docstring is reStructuredText).
 DESCRIPTION = ("LoRA or full fine-tuning on a JSON or JSONL data file of the reference (OpenBMB MiniCPM-V "
                "finetune) format. Writes DIR/log.jsonl, DIR/checkpoints/ and, at the end, DIR/model (LoRA merged), "
-               "which 'minicpmv-jax chat --model DIR/model' loads; --resume continues an interrupted run.")
+               "which 'minicpmv-jax chat --model DIR/model' loads; --resume continues an interrupted run. "
+               "--quantize int8|int4 trains LoRA over a quantized base (QLoRA); DIR/model is then a float model.")
 
 #: Learning rates by default: LoRA adapters start from zero and take larger steps than full fine-tuning.
 DEFAULT_LR = {"lora": 1e-4, "full": 1e-5}
@@ -104,6 +111,9 @@ def add_finetune_parser(sub) -> None:
                      "samples are bad samples)")
     opt.add_argument("--seed", type=int, default=0, help="data order, LoRA init and dropout")
     opt.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    opt.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                     help="QLoRA: load the language model's projections quantized (int8: per output channel; int4: "
+                     "groups of 128) and train LoRA adapters over them; the exported model is float (--dtype)")
     opt.add_argument("--no-remat", action="store_true", help="keep every layer's activations (faster, more memory)")
     opt.add_argument("--loss-chunk", type=_positive(int), default=None, metavar="N",
                      help="compute lm_head and the loss N positions at a time (default: TrainConfig's, 512); "
@@ -160,9 +170,11 @@ def _cli_setting(name: str, value: Any) -> str:
     """A setting of ``fit`` and its value (``TrainConfig.grad_accum_steps``, 2) spelled with the value its
     flag takes (``TrainConfig.grad_accum_steps=2``), which ``cli.main`` words as the flag
     (``--grad-accum 2``, through :data:`_DESTS`). LoRA or not is ``--lora-rank R`` or ``--full``; no
-    gradient clipping is ``--max-grad-norm 0``."""
+    gradient clipping is ``--max-grad-norm 0``; a float base is "no --quantize"."""
     if name == "TrainConfig.lora":
         return "full=True" if value is None else f"lora_rank={value.rank}"
+    if name == "quantize" and value is None:        # a base loaded without --quantize
+        return "no --quantize"
     if name == "TrainConfig.max_grad_norm" and value is None:
         value = 0
     if isinstance(value, tuple):                     # --lora-targets RE [RE ...]
@@ -205,6 +217,11 @@ def _finetune(args: argparse.Namespace) -> int:
     # Cheap checks first: the model may take minutes to load.
     if not 0.0 <= args.lora_dropout < 1.0:
         raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.full and args.quantize:
+        raise ArgumentError("{} trains every weight of the language model, but {} loads its projections as "
+                            "integers, which cannot be trained: leave out {} to train LoRA adapters over the "
+                            "quantized model (QLoRA), or {} for full fine-tuning", "full=True",
+                            f"quantize={args.quantize!r}", "full=True", "quantize")
     mesh = None if args.mesh is None else sharding.mesh_from_text(args.mesh)
     output = os.path.abspath(args.output)
     check_output(output, args.resume)
@@ -222,8 +239,8 @@ def _finetune(args: argparse.Namespace) -> int:
                       export_dtype=args.dtype, progress=not args.no_progress)
     try:
         # No reference kept to the model: the load-dtype copies of the trained parameters are freed in fit.
-        result = fit(MiniCPMV.from_pretrained(folder, dtype=args.dtype, mesh=mesh), train_data, config, output,
-                     base_model=folder, eval_dataset=eval_data, loop=loop)
+        result = fit(MiniCPMV.from_pretrained(folder, dtype=args.dtype, mesh=mesh, quantize=args.quantize),
+                     train_data, config, output, base_model=folder, eval_dataset=eval_data, loop=loop)
     except SettingChangedError as e:    # resuming with other settings: the values as the flags take them
         raise SettingChangedError(e.output, e.step, e.setting, e.before, e.now, spell=_cli_setting) from None
     train = [e for e in result.log if "loss" in e]

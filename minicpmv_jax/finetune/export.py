@@ -6,6 +6,12 @@ Orbax tree of every parameter of :class:`~minicpmv_jax.model.MiniCPMVModel` in o
 merged first (``W += (alpha/r)·A·B`` in float32, on a copy: the model passed in keeps its adapters), so
 the result is a plain model, loadable without this package's fine-tuning code.
 
+A model over a quantized base (QLoRA: loaded with ``quantize="int8" | "int4"``) is written as a float
+model: each adapter merged into its dequantized kernel (``kernel·scale + (alpha/r)·A·B``), every other
+quantized projection dequantized, all in the scales' dtype (the load dtype) unless ``dtype`` says
+otherwise. The manifest then has no ``quantization`` record, so ``from_pretrained`` loads the folder as the
+plain float checkpoint it is.
+
 Writing is atomic, with the folder helpers the converter uses too (:mod:`minicpmv_jax.checkpoint_folder`:
 ``check_destination`` / ``staged``): the folder is built beside ``dst`` and renamed into place at the end; a
 failure leaves ``dst`` as it was. Parameters are written with the converter's Orbax settings
@@ -29,20 +35,23 @@ from minicpmv_jax.dtypes import as_dtype
 from minicpmv_jax.hub import resolve_model
 
 from .lora import lora_modules, merge_lora
+from .train_state import model_quantization
 
 __all__ = ["export_model", "merged_copy"]
 
 
 def merged_copy(model: nnx.Module) -> nnx.Module:
-    """A copy of ``model`` (arrays shared) with every LoRA adapter folded into its kernel."""
+    """A copy of ``model`` (arrays shared) with every LoRA adapter folded into its kernel and every quantized
+    projection dequantized (:func:`~minicpmv_jax.finetune.lora.merge_lora`): a float model."""
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state, copy=True)
-    return merge_lora(copy) if lora_modules(copy) else copy
+    return merge_lora(copy) if lora_modules(copy) or model_quantization(copy) is not None else copy
 
 
 def export_model(model: nnx.Module, dst: str | os.PathLike, *, base_model: str | os.PathLike, dtype: Any = None,
                  overwrite: bool = False, info: Mapping[str, Any] | None = None) -> str:
-    """Writes ``model`` (adapters merged) to ``dst`` as a converted folder; returns ``dst``.
+    """Writes ``model`` (adapters merged; a quantized base dequantized, see the module doc) to ``dst`` as a
+    converted folder; returns ``dst``.
 
     Args:
       model: a :class:`~minicpmv_jax.model.MiniCPMVModel`, e.g. ``Trainer.model(state)``.

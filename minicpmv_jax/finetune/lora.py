@@ -17,6 +17,14 @@ axes for B — they shard like their kernel, the rank replicated. A starts as PE
 ``U(±1/sqrt(fan_in))``), B at zero, so a fresh adapter changes nothing. Adapters are float32 whatever the
 base's dtype; the branch is computed in the base's computation dtype.
 
+**QLoRA.** The base may be a :class:`~minicpmv_jax.quantization.QuantizedEinsum` (a model loaded with
+``from_pretrained(..., quantize="int8" | "int4")``): the frozen product is then the quantized one
+(integer kernel × scale), and the adapters are the same float32 A and B, shaped after the integer kernel
+(which has the float kernel's shape and axes). The integers are never trained. :func:`merge_lora` folds an
+adapter into the *dequantized* kernel, ``W = kernel·scale + (alpha/r)·A·B``, and puts a plain float
+``Einsum`` in its place; it turns every other quantized projection into a float ``Einsum`` of its
+dequantized kernel too, so that a merged model is always a float model (what the export writes).
+
 Dropout is an ``nnx.Dropout`` per adapter, off (deterministic) unless :func:`set_lora_dropout` enables it;
 the train step does that and reseeds every adapter's stream from its own key (:func:`reseed_lora_dropout`).
 
@@ -35,13 +43,17 @@ from flax import nnx
 from minicpmv_jax import sharding
 from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.layers import Einsum, batch_einsum
+from minicpmv_jax.quantization import QuantizedEinsum
 
 from .config import LoRAConfig, first_match, path_name
 
-__all__ = ["LoRAParam", "LoRAEinsum", "lora_equations", "apply_lora", "merge_lora", "lora_modules",
-           "set_lora_dropout", "reseed_lora_dropout"]
+__all__ = ["LoRAParam", "LoRAEinsum", "PROJECTIONS", "lora_equations", "apply_lora", "merge_lora", "lora_modules",
+           "dequantize_projections", "set_lora_dropout", "reseed_lora_dropout"]
 
 _RANK = "r"
+
+#: The projections an adapter can wrap: a float ``Einsum`` or a weight-only ``QuantizedEinsum`` (QLoRA).
+PROJECTIONS = (Einsum, QuantizedEinsum)
 
 
 class LoRAParam(nnx.Param):
@@ -84,9 +96,14 @@ def _kaiming_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax
 
 
 class LoRAEinsum(nnx.Module):
-    """``base(x) + scale · B(A(dropout(x)))`` around a frozen :class:`~minicpmv_jax.layers.Einsum`."""
+    """``base(x) + scale · B(A(dropout(x)))`` around a frozen :class:`~minicpmv_jax.layers.Einsum` or
+    :class:`~minicpmv_jax.quantization.QuantizedEinsum` (QLoRA: the adapters float32, the base's product
+    the quantized one)."""
 
-    def __init__(self, base: Einsum, rank: int, alpha: float, dropout: float = 0.0, *, rngs: nnx.Rngs):
+    def __init__(self, base: Einsum | QuantizedEinsum, rank: int, alpha: float, dropout: float = 0.0, *,
+                 rngs: nnx.Rngs):
+        if not isinstance(base, PROJECTIONS):
+            raise TypeError(f"LoRAEinsum wraps an Einsum or a QuantizedEinsum, got {type(base).__name__}")
         self.base = base
         self.rank = rank
         self.scale = alpha / rank
@@ -137,7 +154,8 @@ def lora_modules(model: nnx.Module) -> list[tuple[tuple, LoRAEinsum]]:
 
 
 def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0) -> list[str]:
-    """Wraps every ``Einsum`` whose module path ``config.target_modules`` selects, in place.
+    """Wraps every ``Einsum`` or ``QuantizedEinsum`` whose module path ``config.target_modules`` selects, in
+    place.
 
     ``rngs`` (default: ``params`` stream ``seed``, ``dropout`` stream ``seed + 1``) draws A and the
     dropout streams. Returns the wrapped module
@@ -148,9 +166,9 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs | None =
         raise ValueError("apply_lora: the model already has LoRA adapters (merge_lora them first)")
     rngs = rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1)
     targets = [(tuple(path), m) for path, m in nnx.iter_modules(model)
-               if isinstance(m, Einsum) and first_match(config.target_modules, path_name(path))]
+               if isinstance(m, PROJECTIONS) and first_match(config.target_modules, path_name(path))]
     if not targets:
-        einsums = [path_name(p) for p, m in nnx.iter_modules(model) if isinstance(m, Einsum)]
+        einsums = [path_name(p) for p, m in nnx.iter_modules(model) if isinstance(m, PROJECTIONS)]
         raise ArgumentError("{} {targets} match no Einsum module; module paths look like {examples}",
                             "LoRAConfig.target_modules", targets=" ".join(config.target_modules), examples=einsums[:4])
     for path, base in targets:
@@ -160,16 +178,60 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs | None =
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """Folds every adapter into its kernel (``W += scale·A·B`` in float32, cast to W's dtype) and puts the
-    plain ``Einsum`` back in its place, in place; returns ``model``. A sharded kernel keeps its sharding."""
+    plain ``Einsum`` back in its place, in place; returns ``model``. A sharded kernel keeps its sharding.
+
+    Over a quantized base (QLoRA) ``W`` is the dequantized kernel (``kernel·scale``, in the scale's dtype,
+    i.e. the dtype the model was loaded in) and a new float ``Einsum`` takes the ``QuantizedEinsum``'s place;
+    then every projection of the model that is still quantized becomes a float ``Einsum`` of its
+    dequantized kernel (:func:`dequantize_projections`): the result is a float model."""
     for path, m in lora_modules(model):
-        kernel = m.base.kernel
+        base = m.base
+        if isinstance(base, QuantizedEinsum):
+            w = base.dequantized()
+            merged = _placed_like(base.kernel, (w.astype(jnp.float32) + m.delta()).astype(w.dtype))
+            _set_child(model, path, _float_einsum(base, merged))
+            continue
+        kernel = base.kernel
         w = kernel.get_value()
-        merged = (w.astype(jnp.float32) + m.delta()).astype(w.dtype)
-        if isinstance(w, jax.Array):
-            merged = jax.device_put(merged, w.sharding)
-        kernel.set_value(merged)
-        _set_child(model, path, m.base)
+        kernel.set_value(_placed_like(kernel, (w.astype(jnp.float32) + m.delta()).astype(w.dtype)))
+        _set_child(model, path, base)
+    dequantize_projections(model)
     return model
+
+
+def dequantize_projections(model: nnx.Module) -> list[str]:
+    """Replaces every :class:`~minicpmv_jax.quantization.QuantizedEinsum` of ``model`` by a float ``Einsum``
+    of its dequantized kernel (``kernel·scale``, in the scale's dtype; placed like the integer kernel), in
+    place, and clears ``model.quantization`` where the model has one. Returns the replaced module paths."""
+    replaced = [(tuple(path), m) for path, m in nnx.iter_modules(model) if isinstance(m, QuantizedEinsum)]
+    for path, m in replaced:
+        _set_child(model, path, _float_einsum(m, _placed_like(m.kernel, m.dequantized())))
+    if getattr(model, "quantization", None) is not None:     # MiniCPMVModel's record: no quantized projection is left
+        model.quantization = None
+    return [path_name(p) for p, _ in replaced]
+
+
+def _placed_like(kernel: nnx.Variable, value: jax.Array) -> jax.Array:
+    """``value`` on the devices and sharding of ``kernel``'s array (same shape; unchanged when it has none)."""
+    current = kernel.get_value()
+    if isinstance(current, jax.Array) and not isinstance(current, jax.core.Tracer):
+        return jax.device_put(value, current.sharding)
+    return value
+
+
+def _float_einsum(quantized: QuantizedEinsum, kernel: jax.Array) -> Einsum:
+    """A float ``Einsum`` with ``quantized``'s equation, computation dtype, logical axes and bias, and the
+    float ``kernel`` (built abstractly: no random kernel is drawn)."""
+    axes = sharding.logical_axes_of(quantized.kernel)
+    bias = quantized.bias
+    bias_shape, bias_axes = (None, None) if bias is None else (bias.get_value().shape, sharding.logical_axes_of(bias))
+    einsum = nnx.eval_shape(lambda: Einsum(quantized.equation, kernel.shape, axes, bias_shape=bias_shape,
+                                           bias_axes=bias_axes, dtype=quantized.dtype, param_dtype=kernel.dtype,
+                                           rngs=nnx.Rngs(0)))
+    einsum.kernel = nnx.Param(kernel, out_sharding=axes, eager_sharding=False)
+    if bias is not None:
+        einsum.bias = bias
+    return einsum
 
 
 def set_lora_dropout(model: nnx.Module, enabled: bool) -> None:

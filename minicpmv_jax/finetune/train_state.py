@@ -10,6 +10,13 @@ The model itself is split once (:func:`split_model`) into a static graph definit
 parameters (:func:`trainable_filter`: LoRA adapters, or the whole LLM, plus the vision encoder and the
 resampler when the config says so), the frozen parameters and the rest (LoRA dropout RNG streams).
 The train step merges them back inside jit; only the trainable part gets gradients and optimizer state.
+
+A model loaded with ``quantize="int8" | "int4"`` (:mod:`minicpmv_jax.quantization`) holds its language
+model's projections as integer kernels with float scales. They are frozen base weights: LoRA over them
+(QLoRA) trains float32 adapters, and the integers sit in the frozen part, never differentiated and with no
+optimizer state. Full fine-tuning of such a model is refused (:func:`prepare_model`), and a split whose
+trainable part holds anything but floats is an error (:func:`split_model`): ``jax.grad`` is never asked to
+differentiate an integer array.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ from flax import nnx
 
 from minicpmv_jax import orbax_checkpoint as ock
 from minicpmv_jax.dtypes import as_dtype
+from minicpmv_jax.errors import ArgumentError
+from minicpmv_jax.quantization import QuantizationConfig, QuantizedEinsum
 
 from .config import TrainConfig
 from .lora import LoRAParam, apply_lora
 
 __all__ = ["TrainState", "trainable_filter", "prepare_model", "set_compute_dtype", "split_model", "params_tree",
-           "params_state", "describe_trainable"]
+           "params_state", "describe_trainable", "model_quantization", "quantize_setting"]
 
 Path = tuple[str | int, ...]
 
@@ -78,10 +87,37 @@ def set_compute_dtype(model: nnx.Module, dtype: Any) -> None:
             module.dtype = dtype
 
 
+def model_quantization(model: nnx.Module) -> QuantizationConfig | None:
+    """The weight-only quantization of ``model``'s projections (that of its ``QuantizedEinsum`` modules, as
+    ``from_pretrained(..., quantize=)`` made them; adapters included), or None for a float model."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, QuantizedEinsum):
+            return module.quantization
+    return None
+
+
+def quantize_setting(quantization: QuantizationConfig | None) -> str | dict | None:
+    """A quantization as the ``quantize`` setting spells it, for records and messages: None, ``"int8"`` /
+    ``"int4"`` (the scheme with its default settings), else the whole record (``QuantizationConfig.to_json``)."""
+    if quantization is None:
+        return None
+    return quantization.mode if quantization == QuantizationConfig(quantization.mode) else quantization.to_json()
+
+
 def prepare_model(model: nnx.Module, config: TrainConfig) -> list[str]:
     """Readies a loaded :class:`~minicpmv_jax.model.MiniCPMVModel` for training ``config``, in place:
     adds the LoRA adapters (when ``config.lora``; A drawn from ``config.seed``), sets the computation
-    dtype and per-layer rematerialisation. Returns the paths of the modules that got adapters."""
+    dtype and per-layer rematerialisation. Returns the paths of the modules that got adapters.
+
+    Raises :class:`~minicpmv_jax.errors.ArgumentError` (naming ``TrainConfig.lora`` and ``quantize``) for full
+    fine-tuning of a quantized model, before changing anything."""
+    quantization = model_quantization(model)
+    if config.lora is None and quantization is not None:
+        raise ArgumentError("{} (full fine-tuning) trains the language model's weights, but the model was loaded "
+                            "with {}: its projections are integers, which cannot be trained. Train LoRA adapters "
+                            "over them instead (QLoRA: set {}), or load the model without quantize",
+                            "TrainConfig.lora=None", f"quantize={quantize_setting(quantization)!r}",
+                            "TrainConfig.lora")
     wrapped = [] if config.lora is None else apply_lora(model, config.lora, seed=config.seed)
     set_compute_dtype(model, config.compute_dtype)
     model.llm.remat = config.remat
@@ -90,10 +126,18 @@ def prepare_model(model: nnx.Module, config: TrainConfig) -> list[str]:
 
 def split_model(model: nnx.Module, config: TrainConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
     """``(graphdef, trainable, frozen, rest)``: the trainable and frozen parameters and every other
-    variable (RNG streams). Raises ``ValueError`` when ``config`` selects no parameter."""
+    variable (RNG streams). Raises ``ValueError`` when ``config`` selects no parameter, or one that is not
+    a float (an integer kernel of a quantized model)."""
     graphdef, trainable, frozen, rest = nnx.split(model, trainable_filter(config), nnx.Param, ...)
-    if not nnx.to_flat_state(trainable):
+    flat = nnx.to_flat_state(trainable)
+    if not flat:
         raise ValueError("the TrainConfig trains no parameter (no LoRA adapter, no tower selected)")
+    integers = [ock.show(ock.tree_key(path)) for path, var in flat
+                if not jnp.issubdtype(var.get_value().dtype, jnp.inexact)]
+    if integers:
+        raise ValueError(f"the TrainConfig trains {len(integers)} parameters that are not floats (e.g. "
+                         f"{integers[0]}: quantized weights), which cannot be trained; train LoRA adapters "
+                         "over them (QLoRA) or load the model without quantize")
     return graphdef, trainable, frozen, rest
 
 

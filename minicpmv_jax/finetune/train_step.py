@@ -14,6 +14,8 @@ programs. The loop is the caller's (``minicpmv-jax finetune`` is one)::
 A step (:func:`train_step`) scans over the micro-batches, summing the loss sums, target-token counts and
 the gradients of the loss *sums* (float32, laid out like the parameters); divides once by the step's
 token count; clips by global norm; applies AdamW. Only the trainable parameters are differentiated.
+A model loaded with ``quantize=`` (QLoRA) trains the same way: its integer kernels are frozen parameters
+like the others, read by the quantized products of the forward and never differentiated.
 The forward is the model's own (:meth:`MiniCPMV.hidden_states <minicpmv_jax.model.MiniCPMVModel.hidden_states>`:
 the computation of ``MiniCPMV.compute_logits`` up to ``lm_head``, the same image packing and feature
 scatter), with LoRA dropout on and reseeded per micro-batch from ``fold_in(fold_in(key, step), micro_batch)``;
@@ -49,7 +51,7 @@ from .device_batch import TrainBatch, batch_shardings, pack_batches, put_batch
 from .lora import LoRAEinsum, reseed_lora_dropout, set_lora_dropout
 from .loss import hidden_loss_sums, mean_loss
 from .optim import make_optimizer
-from .train_state import TrainState, params_state, params_tree, prepare_model, split_model
+from .train_state import TrainState, model_quantization, params_state, params_tree, prepare_model, split_model
 
 __all__ = ["Trainer", "step_key", "micro_batch_loss", "accumulate_gradients", "train_step", "eval_step"]
 
@@ -191,6 +193,9 @@ class Trainer:
       frozen, rest: the frozen parameters and the other variables (read by every step, never changed).
       paths: NNX paths of the trainable parameters.
       lora_targets: module paths that got adapters (empty for full fine-tuning).
+      quantization: the weight-only quantization of the model's base projections (``from_pretrained(...,
+        quantize=)``; QLoRA), or None. Its integer kernels are frozen; full fine-tuning of such a model is
+        refused with an ``ArgumentError``.
       tx, schedule: the optax transformation and the learning-rate schedule.
     """
 
@@ -201,6 +206,7 @@ class Trainer:
         self.mesh = mesh if mesh is not None else getattr(model, "mesh", None)
         self.rules = sharding.check_rules(rules)
         self._programs: dict = {}        # (kind, batch shapes) → this trainer's programs, also in _PROGRAMS
+        self.quantization = model_quantization(model)
         self.lora_targets = prepare_model(model, config)
         if self.mesh is not None:
             model.shard(self.mesh, self.rules)      # the adapters too (the activations: _traced_in)

@@ -27,8 +27,15 @@ entries after its step and continues: the same batches, dropout keys and window 
 checkpoint's metadata), so the log of a resumed run equals an uninterrupted one's in every field but the
 timings. The data and train configs must match the checkpoint's (``total_steps`` may grow: the schedule
 then changes; ``loss_chunk``, ``remat`` and ``on_bad`` may change), and so must the samples (their number,
-the bad ones skipped, their tokens): an :class:`~minicpmv_jax.errors.ArgumentError` names the setting that
-differs, or the data. Ctrl-C saves the current step before stopping.
+the bad ones skipped, their tokens) and the base model's quantization (``quantize``): an
+:class:`~minicpmv_jax.errors.ArgumentError` names the setting that differs, or the data. Ctrl-C saves the
+current step before stopping.
+
+**QLoRA.** A model loaded with ``from_pretrained(..., quantize="int8" | "int4")`` trains LoRA adapters over
+its frozen integer projections (full fine-tuning of it is refused); its checkpoints record the quantization,
+and ``OUTPUT/model`` is a float model: every adapter merged into its dequantized kernel, every other quantized
+projection dequantized (the manifest's ``finetune`` entry records ``base_quantization``; it has no
+``quantization`` record, so ``from_pretrained`` loads it as a plain float folder).
 """
 
 from __future__ import annotations
@@ -55,7 +62,8 @@ from .checkpoint import TrainCheckpointer
 from .config import TrainConfig
 from .data import DataConfig
 from .export import export_model
-from .train_state import TrainState, describe_trainable
+from .checkpoint import stored_quantization
+from .train_state import TrainState, describe_trainable, quantize_setting
 from .train_step import Trainer
 
 __all__ = ["LoopConfig", "FitResult", "fit", "evaluate", "read_log", "prefetch", "check_output",
@@ -325,14 +333,17 @@ def _first_change(name: str, old: Any, new: Any, resumable: Sequence[str] = (), 
 
 
 def _check_resume(meta: Mapping[str, Any], config: TrainConfig, data_config: DataConfig, info: Mapping[str, Any],
-                  output: str) -> None:
+                  output: str, quantization=None) -> None:
     """Refuses to continue the checkpoint of ``meta`` with other settings or other samples: the error names
-    the first setting that differs (a DataConfig field first: they decide the batches), else the data."""
+    the first setting that differs (a DataConfig field first: they decide the batches; then the TrainConfig,
+    then the base model's ``quantize``), else the data."""
     saved = meta.get("info", {}).get("data", {})
     step = meta["step"]
     change = (_first_change("DataConfig", DataConfig(**saved["config"]), data_config, _RESUMABLE_DATA_CHANGES)
               or _first_change("TrainConfig", TrainConfig.from_dict(meta["train_config"]), config,
                                _RESUMABLE_CHANGES, first=("lora",)))
+    if change is None and stored_quantization(meta) != quantization:
+        change = ("quantize", quantize_setting(stored_quantization(meta)), quantize_setting(quantization))
     if change is not None:
         raise SettingChangedError(output, step, *change)
     current = info["data"]
@@ -363,7 +374,8 @@ def fit(model, dataset: FinetuneDataset, config: TrainConfig, output: str | os.P
 
     Args:
       model: a loaded :class:`~minicpmv_jax.model.MiniCPMVModel` (on ``mesh`` when sharded); it becomes the
-        trainer's (LoRA adapters are added to it in place). Pass it without keeping a reference (e.g.
+        trainer's (LoRA adapters are added to it in place). Loaded with ``quantize=`` it is trained with
+        LoRA over its quantized projections (QLoRA; ``config.lora`` must be set). Pass it without keeping a reference (e.g.
         ``fit(MiniCPMV.from_pretrained(...), ...)``) so that the load-dtype copies of the trained parameters
         are freed once their float32 masters exist.
       dataset: the training batches (``DataConfig.batch_size`` rows per micro-batch).
@@ -377,7 +389,8 @@ def fit(model, dataset: FinetuneDataset, config: TrainConfig, output: str | os.P
     Raises:
       OutputExistsError: ``output`` is not empty and ``loop.resume`` is False (a ``FileExistsError``).
       SettingChangedError: resuming a checkpoint of other settings (it names the field, e.g.
-        ``DataConfig.batch_size``, with both values).
+        ``DataConfig.batch_size``, with both values; ``quantize`` for a base quantized otherwise).
+      ArgumentError: full fine-tuning (``config.lora=None``) of a quantized model.
       ArgumentError: resuming a checkpoint of other data (the message names the ``dataset``).
     """
     output = os.path.abspath(os.fspath(output))
@@ -387,14 +400,15 @@ def fit(model, dataset: FinetuneDataset, config: TrainConfig, output: str | os.P
     info = {"data": _data_info(dataset)}
     os.makedirs(output, exist_ok=True)
     ckpt = TrainCheckpointer(os.path.join(output, CHECKPOINT_DIR), config, base_model=base_model,
-                             lora_targets=trainer.lora_targets, save_every=loop.save_every,
+                             lora_targets=trainer.lora_targets, quantization=trainer.quantization,
+                             save_every=loop.save_every,
                              max_to_keep=loop.max_to_keep, info=info)
     echo = (lambda line: tqdm.write(line, file=sys.stdout)) if loop.verbose else None
     try:
         resumed_from, position = None, {}
         if loop.resume and ckpt.latest_step() is not None:
             meta = ckpt.metadata()
-            _check_resume(meta, config, dataset.config, info, output)
+            _check_resume(meta, config, dataset.config, info, output, trainer.quantization)
             state, meta = ckpt.restore(trainer)
             resumed_from, position = int(meta["step"]), meta["data"]
         else:
@@ -412,9 +426,11 @@ def fit(model, dataset: FinetuneDataset, config: TrainConfig, output: str | os.P
         ckpt.close()
     model_dir = None
     if loop.export:
+        facts = {"step": int(jax.device_get(state.step)), "train_config": config.to_dict()}
+        if trainer.quantization is not None:
+            facts["base_quantization"] = trainer.quantization.to_json()
         model_dir = export_model(trainer.model(state), os.path.join(output, MODEL_DIR), base_model=base_model,
-                                 dtype=loop.export_dtype, overwrite=True,
-                                 info={"step": int(jax.device_get(state.step)), "train_config": config.to_dict()})
+                                 dtype=loop.export_dtype, overwrite=True, info=facts)
         if echo is not None:
             echo(f"exported the fine-tuned model (LoRA merged) to {model_dir}")
     return FitResult(state, trainer, output, resumed_from, read_log(output), model_dir)
