@@ -4,7 +4,7 @@ Layout of a converted folder::
 
     DST/
       convert_manifest.json   format name and version, tool versions, source files (sizes, header hashes),
-                              stored dtypes, tensors read and ignored (:data:`MANIFEST_FILE`)
+                              stored dtypes, quantization, tensors read and ignored (:data:`MANIFEST_FILE`)
       config.json, generation_config.json, preprocessor_config.json, tokenizer.json, tokenizer_config.json,
       vocab.json, merges.txt, ...   copied unchanged from the HF folder
       params/                 an Orbax checkpoint (OCDBT, uncompressed) of the parameter tree (:data:`PARAMS_DIR`)
@@ -16,17 +16,29 @@ is therefore a plain Orbax restore into a tree of ``jax.ShapeDtypeStruct`` that 
 target sharding and dtype: each device receives only its own shards, and nothing is transformed on the
 host. Each array is stored as one chunk (Orbax's layout for host arrays); chunking aligned with a mesh, so
 that a host also *reads* only its shards' bytes, belongs with sharded loading.
+
+A folder written with ``minicpmv-jax convert --quantize`` holds the quantized language model's parameters
+(:mod:`minicpmv_jax.quantization`: each projection's integer ``kernel`` beside its float ``scale``) and
+records the scheme in the manifest's ``"quantization"`` (:func:`stored_quantization`). Orbax (tensorstore)
+writes an ``int4`` array one byte per element, so an int4 array is stored **packed**, two values per byte
+(:func:`stored_form`, :func:`pack_int4`): ``int8 [..., ceil(n / 2)]`` for ``int4 [..., n]``, byte ``j``
+of a row holding element ``2j`` in its low nibble and ``2j + 1`` in its high nibble (an odd last axis is
+padded with a zero). :func:`restore_params` reads the packed bytes into the target's sharding (the last
+axis whole where its pieces would hold an odd number of values) and unpacks them on the devices;
+:func:`write_params` packs int4 leaves alike.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
 from typing import Any, Iterator, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -73,12 +85,13 @@ def write_params(path: str | os.PathLike, tree: Mapping[str, Any]) -> str:
     ``path`` is the checkpoint folder itself (a converted folder's ``params/``, :data:`PARAMS_DIR`), a new
     one. Relative paths are made absolute (Orbax refuses them). Sharded ``jax.Array`` leaves are
     written by every process for its own shards; call it on every process of a multi-host run. The
-    arrays must not change until it returns.
+    arrays must not change until it returns. ``int4`` leaves are stored packed (:func:`pack_int4`).
     """
     path = os.path.abspath(os.fspath(path))
     ocp = orbax_v1()
+    tree = nest({key: pack_int4(value) if _is_int4(value.dtype) else value for key, value in flatten(tree)})
     with save_context():
-        ocp.save_pytree(path, dict(tree))
+        ocp.save_pytree(path, tree)
     return path
 
 
@@ -110,6 +123,69 @@ def _versions(*packages: str) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
+
+
+# --------------------------------------------------------------------------- int4 storage
+
+
+#: How int4 arrays are stored, in words (a converted folder's manifest repeats it under ``params``).
+INT4_STORAGE = ("int4 [..., n] stored as int8 [..., ceil(n/2)]: byte j holds element 2j in its low nibble and "
+                "2j+1 in its high nibble (two's complement; an odd n padded with 0)")
+
+
+def _is_int4(dtype: Any) -> bool:
+    return np.dtype(dtype) == np.dtype(jnp.int4)
+
+
+def stored_form(shape: tuple[int, ...], dtype: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) an array of ``shape`` and ``dtype`` is stored with: as it is, except ``int4 [..., n]``,
+    stored packed as ``int8 [..., ceil(n / 2)]`` (:func:`pack_int4`; Orbax would spend a byte per value)."""
+    shape = tuple(int(n) for n in shape)
+    if not _is_int4(dtype):
+        return shape, np.dtype(dtype)
+    if not shape:
+        raise ValueError("an int4 scalar cannot be stored packed")
+    return shape[:-1] + (-(-shape[-1] // 2),), np.dtype(np.int8)
+
+
+@jax.jit
+def pack_int4(x: jax.Array) -> jax.Array:
+    """``int4 [..., n]`` → ``int8 [..., ceil(n / 2)]``: byte ``j`` holds element ``2j`` in its low nibble
+    and ``2j + 1`` in its high nibble (two's complement; a zero pads an odd ``n``). Exact: see
+    :func:`unpack_int4`."""
+    v = jnp.asarray(x).astype(jnp.int8)
+    if v.shape[-1] % 2:
+        v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, 1)])
+    pairs = v.reshape(v.shape[:-1] + (v.shape[-1] // 2, 2))
+    return (pairs[..., 0] & 0x0F) | jnp.left_shift(pairs[..., 1], 4)
+
+
+@functools.partial(jax.jit, static_argnames="length")
+def unpack_int4(packed: jax.Array, length: int) -> jax.Array:
+    """Inverse of :func:`pack_int4`: ``int8 [..., ceil(length / 2)]`` → ``int4 [..., length]``."""
+    low = jnp.right_shift(jnp.left_shift(packed, 4), 4)      # arithmetic shifts: sign-extends the nibble
+    high = jnp.right_shift(packed, 4)
+    values = jnp.stack([low, high], axis=-1).reshape(packed.shape[:-1] + (2 * packed.shape[-1],))
+    return values[..., :length].astype(jnp.int4)
+
+
+@functools.lru_cache(maxsize=64)
+def _unpacker(length: int, sharding: jax.sharding.Sharding):
+    """:func:`unpack_int4` compiled to leave its result in ``sharding`` (one program per shape and place)."""
+    return jax.jit(functools.partial(unpack_int4, length=length), out_shardings=sharding)
+
+
+def _packed_sharding(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> jax.sharding.Sharding:
+    """Where the packed bytes of an int4 array of ``shape`` placed as ``sharding`` are read to: the same
+    place, except that the halved last axis stays whole where ``sharding`` splits it into an odd number
+    of values per piece (the unpacking program then moves them)."""
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not shape:
+        return sharding
+    pieces = shape[-1] // sharding.shard_shape(shape)[-1]
+    if pieces == 1 or (shape[-1] // pieces) % 2 == 0:
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:-1], None))
 
 
 # --------------------------------------------------------------------------- tree keys
@@ -215,7 +291,8 @@ def restore_params(folder: str | os.PathLike, module: nnx.Module, *,
 
     Every parameter is restored straight into its target: the module's dtype (cast by the reader when it
     differs from the stored one; bit-identical to numpy's cast except for NaN payloads) and
-    ``shardings[path]`` (default: the first device). The stored tree must hold exactly the module's
+    ``shardings[path]`` (default: the first device); an int4 parameter's packed bytes are read there and
+    unpacked on its devices (:func:`stored_form`). The stored tree must hold exactly the module's
     parameters with the same shapes; otherwise a ``CheckpointError`` names the parameter (e.g. after
     ``config.json`` was edited).
     """
@@ -223,21 +300,34 @@ def restore_params(folder: str | os.PathLike, module: nnx.Module, *,
     graphdef, state = nnx.split(module)
     flat = dict(nnx.to_flat_state(state))
     wanted = {tree_key(p): p for p in flat}
-    _check_against(folder, {key: tuple(flat[path].shape) for key, path in wanted.items()})
+    _check_against(folder, {key: (tuple(flat[path].shape), flat[path].dtype) for key, path in wanted.items()})
     params = os.path.join(folder, PARAMS_DIR)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = shardings or {}
-    abstract = nest({key: jax.ShapeDtypeStruct(flat[path].shape, flat[path].dtype,
-                                               sharding=shardings.get(path, default))
-                     for key, path in wanted.items()})
+    targets = {key: (tuple(flat[path].shape), flat[path].dtype, shardings.get(path, default))
+               for key, path in wanted.items()}
+    abstract = nest({key: _stored_struct(*target) for key, target in targets.items()})
     ocp = orbax_v1()
     try:
         restored = dict(flatten(ocp.load(params, abstract)))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{params}: cannot restore the parameters ({type(e).__name__}: {e})") from None
     for key, path in wanted.items():
-        flat[path].set_value(restored[key])
+        shape, dtype, where = targets[key]
+        value = restored.pop(key)
+        if _is_int4(dtype):
+            value = _unpacker(shape[-1], where)(value)
+        flat[path].set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _stored_struct(shape: tuple[int, ...], dtype: Any, sharding: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
+    """What Orbax restores a parameter of ``shape`` / ``dtype`` placed as ``sharding`` into: itself, or for
+    int4 its packed bytes (:func:`stored_form`)."""
+    if not _is_int4(dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    packed_shape, packed_dtype = stored_form(shape, dtype)
+    return jax.ShapeDtypeStruct(packed_shape, packed_dtype, sharding=_packed_sharding(sharding, shape))
 
 
 def check_params(folder: str | os.PathLike, module: nnx.Module) -> dict[Key, tuple[tuple[int, ...], np.dtype]]:
@@ -247,10 +337,11 @@ def check_params(folder: str | os.PathLike, module: nnx.Module) -> dict[Key, tup
     unexpected or misshapen parameter.
     """
     flat = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
-    return _check_against(os.fspath(folder), {tree_key(p): tuple(v.shape) for p, v in flat.items()})
+    return _check_against(os.fspath(folder), {tree_key(p): (tuple(v.shape), v.dtype) for p, v in flat.items()})
 
 
-def _check_against(folder: str, wanted: Mapping[Key, tuple[int, ...]]) -> dict:
+def _check_against(folder: str, wanted: Mapping[Key, tuple[tuple[int, ...], Any]]) -> dict:
+    """``wanted``: (shape, dtype) per key; an int4 parameter is expected in its packed :func:`stored_form`."""
     read_manifest(folder)
     params = os.path.join(folder, PARAMS_DIR)
     stored = stored_params(folder)
@@ -263,10 +354,12 @@ def _check_against(folder: str, wanted: Mapping[Key, tuple[int, ...]]) -> dict:
     if unexpected:
         raise CheckpointError(f"{params}: unexpected parameter {show(unexpected[0])}{_more(unexpected)}; "
                               f"it does not match {config}")
-    for key, want in wanted.items():
+    for key, (shape, dtype) in wanted.items():
+        want = stored_form(shape, dtype)[0]
         if stored[key][0] != want:
+            packed = f" (int4 {list(shape)}, stored two per byte)" if _is_int4(dtype) else ""
             raise CheckpointError(f"{params}: parameter {show(key)} has shape {list(stored[key][0])}, "
-                                  f"{config} implies {list(want)}")
+                                  f"{config} implies {list(want)}{packed}")
     return stored
 
 
