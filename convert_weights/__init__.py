@@ -6,6 +6,7 @@ header-first reader (:class:`minicpmv_jax.hf_checkpoint.HFCheckpoint`); the fold
 
     from minicpmv_jax.convert_weights import convert
     convert("MiniCPM-V-2_6/", "minicpmv-orbax/", dtype="bfloat16")   # or `minicpmv-jax convert SRC DST`
+    convert("MiniCPM-V-2_6/", "minicpmv-int4/", dtype="bfloat16", quantize="int4")   # ... --quantize int4
 
 The folder helpers it writes with live in :mod:`minicpmv_jax.checkpoint_folder`, shared with the other
 writer of converted folders (``minicpmv_jax.finetune.export_model``): :func:`check_destination` (refuse a

@@ -12,6 +12,15 @@ are viewed in the mapped source file and written through the transform's *invers
 holding the source tensor whole; :mod:`._transpose`). Peak memory is therefore the ring plus one block,
 independent of the checkpoint's size.
 
+Quantized (``quantize="int8"`` / ``"int4"``, ``--quantize``): each projection kernel of the language
+model that the scheme covers (:mod:`minicpmv_jax.quantization`; the layout is read from the quantized
+model built abstractly) is filled in its source dtype into one reusable buffer, quantized exactly as
+``MiniCPMV.from_pretrained(SRC, quantize=...)`` quantizes it while loading (``quantize_kernel``, scales
+in the output dtype), and written as ``kernel`` (int8, or int4 packed two per byte:
+:func:`minicpmv_jax.orbax_checkpoint.stored_form`) and ``scale`` in the kernel's ring region. Peak memory
+grows by that buffer and the quantization's float32 copy of one kernel; the float language model is never
+held. The manifest records the scheme under ``"quantization"``.
+
 Validation happens before anything is written (config, headers, sizes, names, shapes: errors name the file
 and tensor); the output is atomic (:mod:`._output`).
 """
@@ -27,6 +36,7 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from minicpmv_jax import checkpoint_names as names
@@ -35,10 +45,12 @@ from minicpmv_jax.checkpoint_folder import copy_aux_files
 from minicpmv_jax.config import MiniCPMVConfig
 from minicpmv_jax.dtypes import as_dtype
 from minicpmv_jax.hf_checkpoint import HFCheckpoint
+from minicpmv_jax.model import abstract_model
+from minicpmv_jax.quantization import QuantizationConfig, QuantizedEinsum, as_quantization, quantize_kernel
 
 from ._errors import ConvertError
 from ._output import check_destination, staged
-from ._ring import Ring, Scratch, ring_bytes
+from ._ring import Ring, Scratch, aligned, ring_bytes
 from ._source import RowReader, describe_files, resolve_source
 from ._transpose import assign_rows
 
@@ -46,17 +58,60 @@ GROUP_BYTES = 512 << 20
 BLOCK_BYTES = 32 << 20
 
 
+ArraySpec = tuple[ock.Key, tuple[int, ...], np.dtype]     # tree key, shape, dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """How a job's kernel is written quantized: its einsum, the scheme, and its scale's shape and dtype."""
+
+    equation: str
+    config: QuantizationConfig
+    scale_shape: tuple[int, ...]
+    scale_dtype: np.dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One parameter to write: its table entry, the source rows it reads and its stored dtype."""
+    """One table entry to write: the entry, the source rows it reads, the dtype it is filled in (and
+    stored in; a quantized kernel is filled in its source dtype and quantized from that), and for a
+    quantized kernel its layout."""
 
     entry: names.Entry
     rows: tuple[int, int]
     dtype: np.dtype
+    quantized: Quantized | None = None
+
+    @property
+    def arrays(self) -> list[ArraySpec]:
+        """What it writes, as the model's parameter tree holds it: the parameter, or a quantized kernel's
+        integer ``kernel`` and its ``scale``."""
+        key = ock.tree_key(self.entry.path)
+        if self.quantized is None:
+            return [(key, tuple(self.entry.shape), self.dtype)]
+        q = self.quantized
+        return [(key, tuple(self.entry.shape), np.dtype(q.config.qtype)),
+                (key[:-1] + ("scale",), q.scale_shape, q.scale_dtype)]
+
+    @property
+    def stored(self) -> list[ArraySpec]:
+        """:attr:`arrays` as stored (int4 packed: :func:`minicpmv_jax.orbax_checkpoint.stored_form`)."""
+        return [(key, *ock.stored_form(shape, dtype)) for key, shape, dtype in self.arrays]
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.entry.shape, dtype=np.int64)) * self.dtype.itemsize
+        """Bytes written."""
+        return sum(_nbytes(shape, dtype) for _, shape, dtype in self.stored)
+
+    @property
+    def region_bytes(self) -> int:
+        """Bytes of its region of the ring: the stored arrays one after another, each cache-line aligned."""
+        sizes = [_nbytes(shape, dtype) for _, shape, dtype in self.stored]
+        return sum(aligned(n) for n in sizes[:-1]) + sizes[-1]
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,27 +121,34 @@ class ConversionResult:
     num_parameters: int      # their elements
     bytes_read: int
     bytes_written: int       # parameter data, in the stored dtypes
-    stored_dtypes: dict[str, int]
+    stored_dtypes: dict[str, int]    # arrays per dtype (int4 counted as int4, though stored packed)
     ignored_tensors: tuple[str, ...]
     seconds: float
-    fill_seconds: float = 0.0   # reading and transforming parameters (the main thread's own work)
+    fill_seconds: float = 0.0   # reading, transforming (and quantizing) parameters: the main thread's work
     wait_seconds: float = 0.0   # the main thread waiting for saves (the write is the slower side)
+    quantization: QuantizationConfig | None = None
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None, overwrite: bool = False,
-            progress: bool = True, group_bytes: int | None = None) -> ConversionResult:
+            progress: bool = True, group_bytes: int | None = None,
+            quantize: str | QuantizationConfig | None = None) -> ConversionResult:
     """Converts the HF checkpoint ``src`` (a folder, or a Hub id with ``huggingface_hub`` installed) to ``dst``.
 
     ``dtype`` (``"bfloat16"``, ``"float32"``, ``"float16"``) casts every parameter; ``None`` keeps the source
-    dtypes. An existing ``dst`` is refused unless ``overwrite`` (and then only a folder this tool wrote is
-    replaced). ``group_bytes`` bounds the parameter bytes written per partial save (default 512 MiB; a
-    larger parameter is saved alone). Raises ``CheckpointError`` (or its subclass ``ConvertError``)
-    naming the file and tensor for bad input, ``ConfigError`` for a bad ``config.json``; on any failure
-    ``dst`` is left as it was.
+    dtypes. ``quantize`` (``"int8"``, ``"int4"`` or a :class:`~minicpmv_jax.quantization.QuantizationConfig`)
+    writes the language model's projections quantized, as ``MiniCPMV.from_pretrained(src, dtype=dtype,
+    quantize=quantize)`` holds them (scales in ``dtype``, else in each kernel's source dtype); the folder
+    then loads quantized without being asked. An existing ``dst`` is refused unless ``overwrite`` (and
+    then only a folder this tool wrote is replaced). ``group_bytes`` bounds the parameter bytes written per
+    partial save (default 512 MiB; a larger parameter is saved alone). Raises ``CheckpointError`` (or its
+    subclass ``ConvertError``) naming the file and tensor for bad input, ``ConfigError`` for a bad
+    ``config.json``, ``ValueError`` naming ``dtype`` or ``quantize``; on any failure ``dst`` is left
+    as it was.
     """
     t0 = time.perf_counter()
     src, dst = os.fspath(src), os.path.normpath(os.path.expanduser(os.fspath(dst)))
     out_dtype = None if dtype is None else np.dtype(as_dtype(dtype))
+    quantization = as_quantization(quantize)
     check_destination(dst, src, overwrite)          # before a Hub download
     folder = resolve_source(src)
     check_destination(dst, folder, overwrite)
@@ -95,15 +157,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None
     expected = names.expected_tensors(config)
 
     with RowReader(ckpt) as reader:
-        jobs = plan(names.entries(config), reader, out_dtype)
+        jobs = plan(names.entries(config), reader, out_dtype, quantized_layouts(config, quantization))
         budget = group_bytes if group_bytes is not None else GROUP_BYTES
+        arrays = [a for j in jobs for a in j.arrays]
         result = ConversionResult(
-            dst=dst, num_arrays=len(jobs),
-            num_parameters=sum(int(np.prod(j.entry.shape, dtype=np.int64)) for j in jobs),
+            dst=dst, num_arrays=len(arrays),
+            num_parameters=sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in arrays),
             bytes_read=sum((j.rows[1] - j.rows[0]) * reader.row_bytes(j.entry.name) for j in jobs),
             bytes_written=sum(j.nbytes for j in jobs),
-            stored_dtypes=dict(collections.Counter(j.dtype.name for j in jobs)),
-            ignored_tensors=tuple(sorted(set(ckpt.tensors) - set(expected))), seconds=0.0)
+            stored_dtypes=dict(collections.Counter(np.dtype(dtype).name for _, _, dtype in arrays)),
+            ignored_tensors=tuple(sorted(set(ckpt.tensors) - set(expected))), seconds=0.0,
+            quantization=quantization)
         bar = tqdm(total=result.bytes_read, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
                    desc=f"convert {os.path.basename(dst)}", disable=not progress, file=sys.stderr)
         with staged(dst, overwrite) as tmp, bar:
@@ -119,12 +183,35 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None
     return dataclasses.replace(result, seconds=time.perf_counter() - t0)
 
 
-def plan(entries: list[names.Entry], reader: RowReader, out_dtype: np.dtype | None) -> list[Job]:
-    """One job per table entry: the source rows it reads (a part of a packed tensor, or all)."""
+def quantized_layouts(config: MiniCPMVConfig, quantization: QuantizationConfig | None
+                      ) -> dict[names.Path, tuple[str, QuantizationConfig, tuple[int, ...]]]:
+    """Kernel path → (equation, scheme, scale shape) of every kernel ``quantization`` covers, read from the
+    quantized model built abstractly (so the folder holds exactly its parameter tree); {} for None."""
+    if quantization is None:
+        return {}
+    model = abstract_model(config, "float32", quantize=quantization)
+    return {tuple(path) + ("kernel",): (m.equation, m.quantization, tuple(m.scale.get_value().shape))
+            for path, m in nnx.iter_modules(model) if isinstance(m, QuantizedEinsum)}
+
+
+def plan(entries: list[names.Entry], reader: RowReader, out_dtype: np.dtype | None,
+         quantized: dict[names.Path, tuple[str, QuantizationConfig, tuple[int, ...]]] | None = None) -> list[Job]:
+    """One job per table entry: the source rows it reads (a part of a packed tensor, or all); a kernel
+    named in ``quantized`` (:func:`quantized_layouts`) is filled in its source dtype and written quantized,
+    its scale in ``out_dtype`` (else the source dtype)."""
+    quantized = dict(quantized or {})
     jobs = []
     for e in entries:
         rows = (e.transform.start, e.transform.stop) if isinstance(e.transform, names.Rows) else (0, e.hf_shape[0])
-        jobs.append(Job(e, rows, out_dtype if out_dtype is not None else reader.dtype(e.name)))
+        dtype = out_dtype if out_dtype is not None else reader.dtype(e.name)
+        layout = quantized.pop(tuple(e.path), None)
+        if layout is None:
+            jobs.append(Job(e, rows, dtype))
+        else:
+            equation, config, scale_shape = layout
+            jobs.append(Job(e, rows, reader.dtype(e.name), Quantized(equation, config, scale_shape, dtype)))
+    if quantized:
+        raise RuntimeError(f"quantized kernels without a table entry: {sorted(map(str, quantized))[:3]}")
     return jobs
 
 
@@ -135,12 +222,13 @@ def write_params(path: str, jobs: list[Job], reader: RowReader, budget: int,
     A group is the next parameters in order whose bytes add up to at most ``budget`` (a larger parameter
     stands alone). Arrays live in one :class:`Ring` of the largest parameter plus half a group: a save runs
     in the background while the next group is filled, and filling waits only where it reaches memory the
-    running save still reads (a group is also cut short where it would wrap onto itself). Returns the
-    seconds spent filling and waiting for saves.
+    running save still reads (a group is also cut short where it would wrap onto itself). A quantized
+    kernel's float values pass through one reusable buffer outside the ring (:func:`fill_job`). Returns
+    the seconds spent filling and waiting for saves.
     """
     ocp = ock.orbax_v1()
-    ring = Ring(ring_bytes([j.nbytes for j in jobs], budget // 2))
-    scratch = Scratch()
+    ring = Ring(ring_bytes([j.region_bytes for j in jobs], budget // 2))
+    scratch, floats = Scratch(), Scratch()
     group: dict = {}
     group_bytes = 0
     in_flight: _Save | None = None
@@ -159,11 +247,11 @@ def write_params(path: str, jobs: list[Job], reader: RowReader, budget: int,
     with ock.save_context():
         try:
             for job in jobs:
-                if group and (group_bytes + job.nbytes > budget or not ring.fits(job.nbytes)):
+                if group and (group_bytes + job.nbytes > budget or not ring.fits(job.region_bytes)):
                     start_save()
-                out = ring.array(job.entry.shape, job.dtype)
+                region = ring.array((job.region_bytes,), np.uint8)
                 t = time.perf_counter()
-                group[ock.tree_key(job.entry.path)] = fill(job, reader, progress, out=out, scratch=scratch)
+                group.update(fill_job(job, reader, region, progress, scratch=scratch, floats=floats))
                 fill_s += time.perf_counter() - t
                 group_bytes += job.nbytes
             if group:
@@ -177,13 +265,13 @@ def write_params(path: str, jobs: list[Job], reader: RowReader, budget: int,
                     in_flight.wait()
         ocp.partial.finalize(path)
     stored = ock.stored_arrays(path)
-    for j in jobs:
-        key = ock.tree_key(j.entry.path)
-        if stored.get(key) != (tuple(j.entry.shape), j.dtype):
+    written = [a for j in jobs for a in j.stored]
+    for key, shape, dtype in written:
+        if stored.get(key) != (shape, dtype):
             raise ConvertError(f"{path}: parameter {ock.show(key)} reads back as {stored.get(key)}, "
-                               f"written as {(tuple(j.entry.shape), j.dtype)}")
-    if len(stored) != len(jobs):
-        raise ConvertError(f"{path}: holds {len(stored)} arrays, {len(jobs)} were written")
+                               f"written as {(shape, dtype)}")
+    if len(stored) != len(written):
+        raise ConvertError(f"{path}: holds {len(stored)} arrays, {len(written)} were written")
     return fill_s, waited[0]
 
 
@@ -210,6 +298,31 @@ def _write_group(path: str, tree: dict):
     """Starts one partial save of a group of parameters (the only place the converter writes array data);
     returns the response to wait on with ``.result()``."""
     return ock.orbax_v1().partial.save_async(path, tree)
+
+
+def fill_job(job: Job, reader: RowReader, region: np.ndarray, progress: Callable[[int], Any] = lambda n: None,
+             *, scratch: Scratch | None = None, floats: Scratch | None = None) -> dict[ock.Key, np.ndarray]:
+    """The arrays ``job`` writes (:attr:`Job.stored`), carved from ``region`` (``job.region_bytes`` bytes):
+    the parameter filled by :func:`fill`, or a quantized kernel filled into ``floats`` (a reusable
+    buffer) in its source dtype, quantized by :func:`~minicpmv_jax.quantization.quantize_kernel` as the
+    loader does, and stored as its integer kernel (int4 packed) and scale."""
+    out, offset = {}, 0
+    for key, shape, dtype in job.stored:
+        n = _nbytes(shape, dtype)
+        out[key] = region[offset:offset + n].view(dtype).reshape(shape)
+        offset += aligned(n)
+    if job.quantized is None:
+        (array,) = out.values()
+        fill(job, reader, progress, out=array, scratch=scratch)
+        return out
+    q = job.quantized
+    kernel = (floats or Scratch()).array(job.entry.shape, job.dtype)
+    fill(job, reader, progress, out=kernel, scratch=scratch)
+    qvalue, scale = quantize_kernel(kernel, q.equation, q.config, scale_dtype=q.scale_dtype)
+    kernel_out, scale_out = out.values()
+    kernel_out[...] = np.asarray(ock.pack_int4(qvalue) if q.config.mode == "int4" else qvalue)
+    scale_out[...] = np.asarray(scale)
+    return out
 
 
 def fill(job: Job, reader: RowReader, progress: Callable[[int], Any] = lambda n: None, *,
@@ -261,8 +374,10 @@ def _write_manifest(folder: str, src: str, source_folder: str, ckpt: HFCheckpoin
         source={"location": src, "folder": os.path.abspath(source_folder), "files": describe_files(ckpt),
                 "dtypes": dict(collections.Counter(i.dtype for i in ckpt.tensors.values()))},
         dtype={"requested": None if out_dtype is None else out_dtype.name, "stored": result.stored_dtypes},
+        quantization=None if result.quantization is None else result.quantization.to_json(),
         params={"folder": ock.PARAMS_DIR, "arrays": result.num_arrays, "parameters": result.num_parameters,
-                "bytes": result.bytes_written},
+                "bytes": result.bytes_written,
+                **({"int4_storage": ock.INT4_STORAGE} if "int4" in result.stored_dtypes else {})},
         ignored_tensors=list(result.ignored_tensors),
         copied_files=copied,
         timing={"fill_s": round(result.fill_seconds, 3), "wait_for_writes_s": round(result.wait_seconds, 3)},

@@ -82,11 +82,12 @@ def _convert(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        r = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+        r = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, quantize=args.quantize)
     for w in caught:
         print(f"minicpmv-jax convert: warning: {w.message}", file=sys.stderr)
     dtypes = ", ".join(f"{n} {d}" for d, n in r.stored_dtypes.items())
-    print(f"converted    {args.src} -> {r.dst}: {r.num_arrays} arrays ({dtypes}), "
+    quantized = "" if r.quantization is None else f", llm projections {r.quantization.mode}"
+    print(f"converted    {args.src} -> {r.dst}: {r.num_arrays} arrays ({dtypes}{quantized}), "
           f"{r.num_parameters / 1e9:.3f} B parameters, {r.bytes_written / 2**30:.2f} GiB in {r.seconds:.1f} s")
     return 0
 
@@ -96,7 +97,11 @@ def _plan(args: argparse.Namespace) -> int:
 
     if args.prompt_len is not None and not args.compile:
         raise ArgumentError("{} is the length of the compiled prefill: add {}", "prompt_len", "compile=True")
-    result = plan_memory(args.model, args.mesh, batch=args.batch, max_len=args.max_len, dtype=args.dtype)
+    result = plan_memory(args.model, args.mesh, batch=args.batch, max_len=args.max_len, dtype=args.dtype,
+                         quantize=args.quantize)
+    if result.quantization is not None and args.compile:   # --quantize, or a folder converted with it
+        raise ArgumentError("{} compiles the float model only: a quantized plan counts the parameters "
+                            "(leave out {})", "compile=True", "compile=True")
     compiled = None
     if args.compile:
         if args.prompt_len is None:
@@ -108,7 +113,9 @@ def _plan(args: argparse.Namespace) -> int:
                                    max_new_tokens=args.new_tokens, dtype=args.dtype, attention=args.attention,
                                    mesh=mesh)
     if args.json:
-        out = {"plan": {"mesh": list(result.mesh_shape), "dtype": result.dtype, "batch": result.batch,
+        out = {"plan": {"mesh": list(result.mesh_shape), "dtype": result.dtype,
+                        "quantization": None if result.quantization is None else result.quantization.to_json(),
+                        "batch": result.batch,
                         "max_len": result.max_len, "param_bytes_per_device": result.param_bytes_per_device,
                         "kv_cache_bytes_per_device": result.kv_cache_bytes_per_device,
                         "bytes_per_device": result.bytes_per_device,
@@ -144,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cast every parameter (default: keep the source dtypes)")
     conv.add_argument("--overwrite", action="store_true",
                       help="replace DST (only a folder this command wrote); it stays intact if converting fails")
+    conv.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                      help="store the language model's projections quantized, weight-only (int8: a scale per "
+                      "output channel; int4: per output channel and 128 inputs, two values per byte); the "
+                      "folder then loads quantized (default: keep them in --dtype)")
     conv.set_defaults(func=_convert)
     add_chat_parser(sub)
     add_generate_parser(sub)
@@ -158,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch", type=int, default=1)
     plan.add_argument("--max-len", type=int, default=4096, help="KV cache slots per sequence (prompt + answer)")
     plan.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    plan.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                      help="the language model's projections quantized as from_pretrained(quantize=) holds "
+                      "them (default: a converted folder's own scheme, else none)")
     plan.add_argument("--device-memory", type=float, metavar="GIB",
                       help="memory per device (e.g. 16 for TPU v5e, 80 for H100) to report the headroom")
     plan.add_argument("--compile", action="store_true",

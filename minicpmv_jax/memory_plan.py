@@ -16,6 +16,13 @@ Qwen2-7B, whose width is 3584). The plan lists such axes per tower and for the K
 (:class:`IdleAxis`: the axis, what it leaves whole, the dimensions it would have split), found with the
 same rules and shapes.
 
+With ``quantize="int8"`` / ``"int4"`` (:mod:`minicpmv_jax.quantization`) the model is built quantized: each
+covered projection's kernel counts 1 byte (int8) or half a byte (int4, rounded up per array and per
+piece) per element, its scale the parameter dtype's bytes, and every spec comes from
+:func:`minicpmv_jax.sharding.flat_param_specs`, so a scale is split like its kernel. A converted folder
+records its scheme; planning it uses that scheme unless told otherwise (and refuses another one, as
+loading does).
+
 ``format_plan(plan)`` renders it as a small table for the ``plan`` command of the CLI, with a note per idle
 axis.
 """
@@ -28,18 +35,20 @@ import math
 import os
 from typing import Any, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from minicpmv_jax import config as C
+from minicpmv_jax import orbax_checkpoint
 from minicpmv_jax.dtypes import as_dtype
 from minicpmv_jax.errors import ArgumentError
 from minicpmv_jax.model import abstract_model
+from minicpmv_jax.quantization import QuantizationConfig, as_quantization
 from minicpmv_jax.sharding.mesh import MESH_AXES, abstract_mesh, axis_sizes, mesh_shape, parse_mesh_shape
-from minicpmv_jax.sharding.placement import kv_cache_spec, logical_axes_of
-from minicpmv_jax.sharding.rules import (CACHE_AXES, RULES, Rules, check_rules, logical_to_spec,
-                                         spec_shard_shape)
+from minicpmv_jax.sharding.placement import flat_param_specs, kv_cache_spec, logical_axes_of
+from minicpmv_jax.sharding.rules import CACHE_AXES, RULES, Rules, check_rules, spec_shard_shape
 
 __all__ = ["PRESETS", "KV_CACHE", "TowerMemory", "IdleAxis", "MemoryPlan", "resolve_config", "abstract_params",
            "plan_memory", "format_plan"]
@@ -106,6 +115,7 @@ class MemoryPlan:
     kv_cache_bytes_per_device: int
     kv_cache_spec: PartitionSpec
     idle_axes: tuple[IdleAxis, ...] = ()   # mesh axes that leave towers or the KV cache replicated
+    quantization: QuantizationConfig | None = None   # the language model's projections (None: in dtype)
 
     @property
     def num_devices(self) -> int:
@@ -146,14 +156,34 @@ def resolve_config(model: Any):
 
 
 @functools.lru_cache(maxsize=4)
-def abstract_params(cfg) -> nnx.State:
-    """``nnx.state(MiniCPMV(cfg), nnx.Param)`` as shapes only (:func:`~minicpmv_jax.model.abstract_model`),
-    cached per config.
+def abstract_params(cfg, quantization: QuantizationConfig | None = None) -> nnx.State:
+    """``nnx.state(MiniCPMV(cfg, quantize=quantization), nnx.Param)`` as shapes only
+    (:func:`~minicpmv_jax.model.abstract_model`), cached per config and scheme.
 
-    Built in bfloat16; shapes and logical axes do not depend on the dtype (callers scale by the item size
-    they want). Do not mutate the returned state: it is shared.
+    Built in bfloat16; shapes and logical axes do not depend on the dtype (callers scale float parameters
+    by the item size they want; quantized kernels keep their integer dtype). Do not mutate the returned
+    state: it is shared.
     """
-    return nnx.state(abstract_model(cfg, "bfloat16"), nnx.Param)
+    return nnx.state(abstract_model(cfg, "bfloat16", quantize=quantization), nnx.Param)
+
+
+def _param_bytes(num: int, dtype, itemsize: int) -> int:
+    """Bytes of ``num`` elements of a parameter held as ``dtype`` (abstract): integers (quantized
+    kernels) at their own width, int4 two per byte rounded up; floats at the plan's ``itemsize``."""
+    if not jnp.issubdtype(dtype, jnp.integer):
+        return num * itemsize
+    return -(-num * jnp.iinfo(dtype).bits // 8)
+
+
+def _quantization(model: Any, quantize: Any) -> QuantizationConfig | None:
+    """``quantize`` as a scheme; for a converted folder, checked against the scheme it records (the
+    recorded one when ``quantize`` is None), as loading it would."""
+    quantization = as_quantization(quantize)
+    if isinstance(model, (str, os.PathLike)):
+        folder = os.fspath(model)
+        if os.path.isdir(folder) and orbax_checkpoint.is_converted(folder):
+            return orbax_checkpoint.stored_quantization(folder, quantization)
+    return quantization
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -168,7 +198,8 @@ def _mesh(mesh: Any) -> AbstractMesh | Mesh:
 
 
 def plan_memory(model: Any, mesh: Any = (1, 1, 1), *, batch: int = 1, max_len: int = 4096,
-                dtype: Any = "bfloat16", kv_dtype: Any = None, rules: Rules = RULES) -> MemoryPlan:
+                dtype: Any = "bfloat16", kv_dtype: Any = None, rules: Rules = RULES,
+                quantize: str | QuantizationConfig | None = None) -> MemoryPlan:
     """Per-device parameter and KV-cache bytes of ``model`` on a ``(data, fsdp, tensor)`` mesh.
 
     Args:
@@ -179,7 +210,11 @@ def plan_memory(model: Any, mesh: Any = (1, 1, 1), *, batch: int = 1, max_len: i
       batch, max_len: the KV cache holds ``batch`` sequences of ``max_len`` slots (prompt + new tokens).
       dtype: parameter storage dtype; ``kv_dtype`` the cache's (default: ``dtype``, as generation does).
       rules: the logical-axis rules table.
+      quantize: ``"int8"``, ``"int4"`` or a :class:`~minicpmv_jax.quantization.QuantizationConfig`: the
+        language model's projections quantized, as ``from_pretrained(quantize=)`` holds them (their scales
+        in ``dtype``). A converted folder's own scheme is used when left out.
     """
+    quantization = _quantization(model, quantize)
     cfg = resolve_config(model)
     mesh = _mesh(mesh)
     for name, value in (("batch", batch), ("max_len", max_len)):
@@ -187,16 +222,18 @@ def plan_memory(model: Any, mesh: Any = (1, 1, 1), *, batch: int = 1, max_len: i
             raise ArgumentError("{} must be positive", f"{name}={value}")
     dtype_name = _dtype_name(dtype)
     kv_name = _dtype_name(kv_dtype if kv_dtype is not None else dtype)
-    itemsize = np.dtype(dtype_name).itemsize       # every parameter is stored in the one param dtype
+    itemsize = np.dtype(dtype_name).itemsize       # every float parameter is stored in the one param dtype
     towers: dict[str, list[int]] = {}
     arrays = []                                    # (tower or KV_CACHE, logical axes, shape, spec)
-    for path, var in nnx.to_flat_state(abstract_params(cfg)):
+    params = abstract_params(cfg, quantization)
+    specs = flat_param_specs(params, mesh, rules)  # a quantized kernel's scale follows its kernel
+    for path, var in nnx.to_flat_state(params):
         value = var.get_value()
         axes = logical_axes_of(var, path)
-        spec = logical_to_spec(axes, value.shape, mesh, rules)
+        spec = specs[path]
         arrays.append((str(path[0]), axes, value.shape, spec))
-        total = math.prod(value.shape) * itemsize
-        piece = math.prod(spec_shard_shape(value.shape, spec, mesh)) * itemsize
+        total = _param_bytes(math.prod(value.shape), value.dtype, itemsize)
+        piece = _param_bytes(math.prod(spec_shard_shape(value.shape, spec, mesh)), value.dtype, itemsize)
         acc = towers.setdefault(str(path[0]), [0, 0, 0, 0])
         acc[0] += math.prod(value.shape)
         acc[1] += total
@@ -215,7 +252,7 @@ def plan_memory(model: Any, mesh: Any = (1, 1, 1), *, batch: int = 1, max_len: i
         mesh_shape=mesh_shape(mesh), dtype=dtype_name, kv_dtype=kv_name, batch=batch, max_len=max_len,
         towers=tuple(TowerMemory(name, *towers[name]) for name in names),
         kv_cache_bytes=kv_total, kv_cache_bytes_per_device=kv_piece, kv_cache_spec=kv_spec,
-        idle_axes=_idle_axes(arrays, [*names, KV_CACHE], mesh, rules))
+        idle_axes=_idle_axes(arrays, [*names, KV_CACHE], mesh, rules), quantization=quantization)
 
 
 def _idle_axes(arrays: Sequence[tuple[str, Sequence[str | None], Sequence[int], PartitionSpec]], order: list[str],
@@ -258,7 +295,10 @@ def format_plan(plan: MemoryPlan, device_memory_gib: float | None = None) -> str
     """A text table of ``plan``; with ``device_memory_gib`` (e.g. 16 for a TPU v5e chip) also the headroom."""
     mesh = " × ".join(f"{n}={s}" for n, s in zip(MESH_AXES, plan.mesh_shape))
     devices = f"{plan.num_devices} device" + ("" if plan.num_devices == 1 else "s")
-    lines = [f"mesh {mesh} ({devices}); parameters {plan.dtype}, KV cache {plan.kv_dtype}",
+    quantized = "" if plan.quantization is None else (
+        f" (llm projections {plan.quantization.mode}" + (", lm_head too" if plan.quantization.lm_head else "")
+        + f", scales {plan.dtype})")
+    lines = [f"mesh {mesh} ({devices}); parameters {plan.dtype}{quantized}, KV cache {plan.kv_dtype}",
              f"{'':34}{'parameters':>14}{'total':>14}{'per device':>14}"]
     for t in plan.towers:
         lines.append(f"  {_TOWER_TITLES.get(t.name, t.name):32}{t.num_params:14,}{_gib(t.total_bytes):>14}"
