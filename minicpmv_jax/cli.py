@@ -53,10 +53,12 @@ DESCRIPTION = ("MiniCPM-V 2.6 in JAX: check, convert, chat with, fine-tune and s
 def _info(args: argparse.Namespace) -> int:
     cfg = MiniCPMVConfig.from_pretrained(args.model)
     if orbax_checkpoint.is_converted(args.model):
-        abstract = abstract_model(cfg)
+        quantization = orbax_checkpoint.stored_quantization(args.model)
+        abstract = abstract_model(cfg, quantize=quantization)
         stored = orbax_checkpoint.check_params(args.model, abstract)
         dtypes = collections.Counter(str(dtype) for _, dtype in stored.values())
-        print(f"checkpoint   {args.model}: converted (Orbax), {len(stored)} arrays, dtypes {dict(dtypes)}: OK")
+        scheme = f", language model quantized {quantization.mode}" if quantization else ""
+        print(f"checkpoint   {args.model}: converted (Orbax){scheme}, {len(stored)} arrays, dtypes {dict(dtypes)}: OK")
     else:
         ckpt = names.open_validated(args.model, cfg)
         dtypes = collections.Counter(i.dtype for i in ckpt.tensors.values())

@@ -233,6 +233,8 @@ def test_cli_converts_quantized_then_plans_the_folder(tmp_path, small_source, ca
     assert ock.read_manifest(dst)["quantization"] == {"mode": "int8", "group_size": 128, "lm_head": False}
     model = MiniCPMV.from_pretrained(dst)
     _assert_bit_identical(_params(MiniCPMV.from_pretrained(small_source, quantize="int8")), _params(model))
+    assert main(["info", "--model", str(dst)]) == 0       # info checks the folder against the quantized model
+    assert "converted (Orbax), language model quantized int8" in capsys.readouterr().out
 
     # plan reads the folder's scheme; its parameter bytes are the folder's data bytes
     assert main(["plan", "--mesh", "1x1x1", "--model", str(dst), "--json"]) == 0
