@@ -33,7 +33,6 @@ values per byte too: 2 × 512 M int4 elements take 517 MiB resident, as int8 102
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -48,31 +47,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from common import qwen2_05b, reset_peak, status_kib  # noqa: E402
+
 VARIANTS = {"lora-bf16": None, "qlora-int8": "int8", "qlora-int4": "int4"}
-
-
-def qwen2_05b(layers: int):
-    """tiny()'s vision tower with a Qwen2-0.5B-shaped language model of ``layers`` layers."""
-    from minicpmv_jax.config import tiny
-
-    cfg = tiny()
-    llm = dataclasses.replace(cfg.llm, hidden_size=896, num_hidden_layers=layers, num_attention_heads=14,
-                              num_key_value_heads=2, intermediate_size=4864, vocab_size=151936)
-    return dataclasses.replace(cfg, llm=llm, resampler=dataclasses.replace(cfg.resampler, embed_dim=896))
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> None:
-    """Resets VmHWM to the current RSS (Linux ``clear_refs`` 5)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _batch(args, vocab: int) -> dict:
@@ -107,7 +84,7 @@ def _worker(args) -> None:
 
     import minicpmv_jax.finetune.train_step  # noqa: F401
     jax.block_until_ready(jax.jit(lambda x: x + 1)(np.zeros(4, np.float32)))
-    runtime = _status_kib("VmRSS")
+    runtime = status_kib("VmRSS")
 
     from minicpmv_jax import MiniCPMV
     from minicpmv_jax.finetune import LoRAConfig, TrainConfig, Trainer, describe_trainable
@@ -115,7 +92,7 @@ def _worker(args) -> None:
     t0 = time.perf_counter()
     model = MiniCPMV.from_pretrained(args.folder, dtype="bfloat16", quantize=VARIANTS[args.worker])
     jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
-    load_s, load_peak = time.perf_counter() - t0, _status_kib("VmHWM")
+    load_s, load_peak = time.perf_counter() - t0, status_kib("VmHWM")
     param_bytes = _param_bytes(model)
     config = TrainConfig(learning_rate=1e-4, total_steps=1000, compute_dtype="bfloat16", remat=True,
                          train_resampler=False, lora=LoRAConfig(rank=8, alpha=16.0))
@@ -124,7 +101,7 @@ def _worker(args) -> None:
     batch = trainer.put_batch([_batch(args, trainer.model_config.llm.vocab_size)])
     state = trainer.init_state()
     trainable = describe_trainable(state.params)
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     # XLA's own plan of the compiled step: its arguments (frozen base, train state, batch) and temporaries.
     plan = trainer._program("train", batch).lower(state, trainer.frozen, trainer.rest, batch).compile()
     plan = plan.memory_analysis()
@@ -133,15 +110,15 @@ def _worker(args) -> None:
     t0 = time.perf_counter()
     state, metrics = trainer.train_step(state, batch)
     first_loss = float(jax.block_until_ready(metrics["loss"]))
-    first_s, first_peak = time.perf_counter() - t0, _status_kib("VmHWM")
-    _reset_peak()
+    first_s, first_peak = time.perf_counter() - t0, status_kib("VmHWM")
+    reset_peak()
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         state, metrics = trainer.train_step(state, batch)
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t0)
-    steady_peak = _status_kib("VmHWM")
+    steady_peak = status_kib("VmHWM")
     mib = 1024
     print(json.dumps({"variant": args.worker, "runtime_mib": runtime / mib, "load_mib": (load_peak - runtime) / mib,
                       "first_mib": (first_peak - runtime) / mib, "steady_mib": (steady_peak - runtime) / mib,

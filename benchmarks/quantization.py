@@ -28,15 +28,12 @@ Reported:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -45,10 +42,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from common import qwen2_05b  # noqa: E402
+from serve_load import engine_step_time, loop_per_token  # noqa: E402
 from minicpmv_jax import MiniCPMV, MiniCPMVProcessor  # noqa: E402
-from minicpmv_jax import generate as gen  # noqa: E402
 from minicpmv_jax.config import tiny  # noqa: E402
-from minicpmv_jax.generation_config import GenerationConfig  # noqa: E402
 from minicpmv_jax.processor import IMAGE_TAG  # noqa: E402
 
 MODES = ("int8", "int4")
@@ -60,14 +57,6 @@ HELD_OUT = (
     "sometimes waited for hours before it was safe to walk back to the cottage on the shore. Over the years "
     "he kept a journal of the weather, the ships he saw and the birds that rested on the railing, and when "
     "he retired the town library put the journals on display so that children could read about the sea.")
-
-
-def qwen2_05b(layers: int):
-    """tiny()'s vision tower with a Qwen2-0.5B-shaped language model of ``layers`` layers."""
-    cfg = tiny()
-    llm = dataclasses.replace(cfg.llm, hidden_size=896, num_hidden_layers=layers, num_attention_heads=14,
-                              num_key_value_heads=2, intermediate_size=4864, vocab_size=151936)
-    return dataclasses.replace(cfg, llm=llm, resampler=dataclasses.replace(cfg.resampler, embed_dim=896))
 
 
 def write_folder(cfg, dtype: str) -> str:
@@ -180,24 +169,6 @@ def import_peak() -> int:
     return _child_peak("import minicpmv_jax.model; jax.numpy.zeros(1).block_until_ready()")
 
 
-def per_token(model, batch: int, prompt: int = 64, n: int = 17) -> float:
-    """The compiled loop's time per generated token at ``batch`` rows (median of 3)."""
-    ids = jax.random.randint(jax.random.key(1), (batch, prompt), 0, model.config.llm.vocab_size, jnp.int32)
-    p = gen.PreparedBatch(ids, jnp.ones((batch, prompt), bool), jnp.ones((batch,), bool), batch_size=batch)
-
-    def timed(k):
-        config = GenerationConfig(max_new_tokens=k, min_new_tokens=k)
-        jax.block_until_ready(gen.generate(model, p, config, (151645,), num_new=n).tokens)
-        ts = []
-        for _ in range(3):
-            s = time.perf_counter()
-            jax.block_until_ready(gen.generate(model, p, config, (151645,), num_new=n).tokens)
-            ts.append(time.perf_counter() - s)
-        return statistics.median(ts)
-
-    return (timed(n) - timed(1)) / (n - 1)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=24, help="layers of the 0.5B-shaped model (default 24)")
@@ -259,14 +230,13 @@ def main(argv=None) -> None:
         results["decode ms"] = {}
         models["float32"] = MiniCPMV.from_pretrained(folder, dtype="float32")
         for batch in (1, 8):
-            row = {str(mode or "bfloat16"): per_token(model, batch) * 1e3 for mode, model in models.items()}
+            row = {str(mode or "bfloat16"): loop_per_token(model, batch, 64) * 1e3 for mode, model in models.items()}
             results["decode ms"][batch] = row
             bf = row["bfloat16"]
             print(f"  batch {batch}: " + "   ".join(f"{k} {v:7.1f} ms ({bf / v:.2f}× bf16 speed)" for k, v in row.items()),
                   flush=True)
         # The engine's decode step is one program per token, called from Python: nothing for XLA to hoist
         # out of a loop, so the dequantization runs in every step.
-        from serve_load import engine_step_time
         processor = MiniCPMVProcessor.from_pretrained(folder)
         row = {str(mode or "bfloat16"): engine_step_time(model, processor, 1, 1, 256) * 1e3
                for mode, model in models.items()}

@@ -38,9 +38,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from common import qwen2_05b  # noqa: E402
 from minicpmv_jax import generate as gen  # noqa: E402
 from minicpmv_jax.chat import MiniCPMV  # noqa: E402
-from minicpmv_jax.config import tiny  # noqa: E402
 from minicpmv_jax.engine import Engine, EngineConfig, request_from_messages  # noqa: E402
 from minicpmv_jax.engine import slots as S  # noqa: E402
 from minicpmv_jax.generation_config import GenerationConfig  # noqa: E402
@@ -48,14 +48,6 @@ from minicpmv_jax.processor import MiniCPMVProcessor  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven small cats watch from the old red barn "
          "and count the clouds").split()
-
-
-def qwen2_05b(layers: int):
-    """tiny()'s vision tower with a Qwen2-0.5B-shaped language model of ``layers`` layers."""
-    cfg = tiny()
-    llm = dataclasses.replace(cfg.llm, hidden_size=896, num_hidden_layers=layers, num_attention_heads=14,
-                              num_key_value_heads=2, intermediate_size=4864, vocab_size=151936)
-    return dataclasses.replace(cfg, llm=llm, resampler=dataclasses.replace(cfg.resampler, embed_dim=896))
 
 
 def workload(n: int, seed: int = 0) -> list[tuple[list[dict], int]]:

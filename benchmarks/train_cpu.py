@@ -55,6 +55,8 @@ import time
 
 import numpy as np
 
+from common import reset_peak, status_kib
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _p in (_ROOT, os.path.join(_ROOT, "tests")):  # the package and the torch references (tests/)
     if _p not in sys.path:
@@ -87,20 +89,6 @@ def _batch(args) -> dict:
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> None:
-    """Resets VmHWM to the current RSS (Linux ``clear_refs`` 5)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 # --------------------------------------------------------------------------- the steps
@@ -177,7 +165,7 @@ def _worker(args) -> None:
         jax.block_until_ready(jax.jit(lambda x: x + 1)(np.zeros(4, np.float32)))
     else:
         import torch_train_reference  # noqa: F401 (torch, transformers)
-    runtime = _status_kib("VmRSS")
+    runtime = status_kib("VmRSS")
     if framework == "jax":
         chunk = None if args.loss_chunk == "none" else int(args.loss_chunk)
         step = _jax_step(args.folder, batch, kind == "lora", chunk)
@@ -186,14 +174,14 @@ def _worker(args) -> None:
     t0 = time.perf_counter()
     first_loss = step()
     first = time.perf_counter() - t0
-    first_peak = _status_kib("VmHWM")
-    _reset_peak()
+    first_peak = status_kib("VmHWM")
+    reset_peak()
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     print(json.dumps({"variant": args.worker, "first_step_s": first, "times_s": times, "first_loss": first_loss,
                       "runtime_mib": runtime / 1024, "steady_mib": (peak - runtime) / 1024,
                       "first_mib": (first_peak - runtime) / 1024}))
