@@ -45,7 +45,11 @@ from minicpmv_jax.errors import ArgumentError
 from .layers import Axes, batch_einsum, fan_in_normal, param, zeros
 
 __all__ = ["MODES", "QuantizationConfig", "QuantizedEinsum", "quantize_kernel", "scale_layout",
-           "as_quantization"]
+           "as_quantization", "quantize_projections", "PROJECTION_NAMES"]
+
+#: The decoder projections quantization covers, by their module path inside a decoder layer.
+PROJECTION_NAMES = (("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"),
+                    ("mlp", "gate"), ("mlp", "up"), ("mlp", "down"))
 
 #: The schemes: ``"int8"`` (per output channel) and ``"int4"`` (per output channel and input group).
 MODES = ("int8", "int4")
@@ -218,3 +222,39 @@ class QuantizedEinsum(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def quantize_projections(model: nnx.Module, quantization: "str | QuantizationConfig") -> list[str]:
+    """Quantizes, in place, the projections of a model already in memory (a ``MiniCPMVModel`` or a bare
+    ``Qwen2``): every float ``Einsum`` at ``layers[i].attn.{q,k,v,o}`` / ``layers[i].mlp.{gate,up,down}`` of
+    the language model (and ``lm_head`` when ``quantization.lm_head``) becomes a :class:`QuantizedEinsum`
+    of the same kernel, placed on the same devices. The same values as loading with ``quantize=``;
+    prefer that for a checkpoint, since this holds the float kernels first. Returns the replaced paths.
+    """
+    from .layers import Einsum
+
+    config = as_quantization(quantization)
+    if config is None:
+        raise ArgumentError("{} must be 'int8', 'int4' or a QuantizationConfig", "quantization")
+    llm = getattr(model, "llm", model)
+    targets = [(f"layers.{i}.{part}.{name}", getattr(layer, part), name)
+               for i, layer in enumerate(llm.layers) for part, name in PROJECTION_NAMES]
+    if config.lm_head:
+        targets.append(("lm_head", llm, "lm_head"))
+    replaced = []
+    for path, parent, name in targets:
+        dense = getattr(parent, name)
+        if not isinstance(dense, Einsum):
+            continue
+        quantized = QuantizedEinsum.from_float(dense, config)
+        placed = dense.kernel.get_value().sharding
+        if isinstance(placed, jax.sharding.NamedSharding):      # on a mesh: the scale follows its kernel
+            kernel, scale = quantized.kernel, quantized.scale
+            kernel.set_value(jax.device_put(kernel.get_value(), placed))
+            spec = sharding.follow_spec(placed.spec, scale.get_value().shape, placed.mesh)
+            scale.set_value(jax.device_put(scale.get_value(), jax.sharding.NamedSharding(placed.mesh, spec)))
+        setattr(parent, name, quantized)
+        replaced.append(path)
+    if hasattr(model, "quantization"):
+        model.quantization = config
+    return replaced

@@ -34,7 +34,7 @@ Typical use::
 from .mesh import MESH_AXES, abstract_mesh, axis_sizes, make_mesh, mesh_from_text, mesh_shape, parse_mesh_shape
 from .context import ShardingContext, context_for, current_context, use_mesh, use_rules
 from .placement import (abstract_with_shardings, batch_sharding, batch_spec, constrain, flat_param_shardings,
-                        flat_param_specs, kv_cache_sharding, kv_cache_spec, logical_axes_of, param_shardings, param_specs,
+                        flat_param_specs, follow_spec, kv_cache_sharding, kv_cache_spec, logical_axes_of, param_shardings, param_specs,
                         shard_batch, shard_model)
 from .rules import (ACTIVATION_AXES, CACHE_AXES, LOGICAL_AXES, RESIDUAL_AXES, RULES, TRAINING_RULES, Rules,
                     check_rules, logical_to_spec, num_shards, override_rules, shards_per_dim, spec_shard_shape)
@@ -46,7 +46,7 @@ __all__ = [
     "Rules", "RULES", "TRAINING_RULES", "LOGICAL_AXES", "ACTIVATION_AXES", "RESIDUAL_AXES", "CACHE_AXES",
     "check_rules", "override_rules", "logical_to_spec", "shards_per_dim", "num_shards", "spec_shard_shape",
     # placement
-    "logical_axes_of", "param_specs", "flat_param_specs", "param_shardings", "flat_param_shardings",
+    "logical_axes_of", "param_specs", "flat_param_specs", "follow_spec", "param_shardings", "flat_param_shardings",
     "abstract_with_shardings", "shard_model", "batch_spec", "batch_sharding", "shard_batch", "kv_cache_spec", "kv_cache_sharding",
     "constrain",
     # context

@@ -26,7 +26,7 @@ from .context import current_context
 from .rules import CACHE_AXES, RULES, Rules, logical_to_spec, shards_per_dim
 
 __all__ = [
-    "logical_axes_of", "param_specs", "flat_param_specs", "param_shardings", "flat_param_shardings",
+    "logical_axes_of", "param_specs", "flat_param_specs", "follow_spec", "param_shardings", "flat_param_shardings",
     "abstract_with_shardings",
     "shard_model", "batch_spec", "batch_sharding", "shard_batch", "kv_cache_spec", "kv_cache_sharding",
     "constrain",
@@ -90,12 +90,17 @@ def flat_param_specs(module_or_state, mesh, rules: Rules = RULES) -> dict[Path, 
         lead = specs.get(path[:-1] + (follows,))
         if lead is None:
             raise ValueError(f"parameter {_show(path)} follows {follows!r}, which is not a parameter beside it")
-        shape = var.get_value().shape
         logical_axes_of(var, path)                       # checked all the same
-        per_dim = shards_per_dim(lead, len(shape), mesh)
-        specs[path] = PartitionSpec(*(entry if shape[i] % per_dim[i] == 0 else None
-                                      for i, entry in enumerate(tuple(lead) + (None,) * (len(shape) - len(lead)))))
+        specs[path] = follow_spec(lead, var.get_value().shape, mesh)
     return specs
+
+
+def follow_spec(lead: PartitionSpec, shape: Sequence[int], mesh) -> PartitionSpec:
+    """``lead``'s split, per dimension, for an array of ``shape`` that follows the array ``lead`` places
+    (a quantized kernel's scale): kept where it divides ``shape``, replicated where it does not."""
+    per_dim = shards_per_dim(lead, len(shape), mesh)
+    entries = tuple(lead) + (None,) * (len(shape) - len(lead))
+    return PartitionSpec(*(entry if shape[i] % per_dim[i] == 0 else None for i, entry in enumerate(entries)))
 
 
 def _flat_param_values(module_or_state, values: dict[Path, Any]) -> nnx.State:

@@ -70,6 +70,11 @@ def test_every_measurement_is_there(small_run, side):
         assert video["frames"] == 8 and video["pieces"] % 8 == 0 and _positive(video["median_s"])
         assert video["padded_tokens"] >= video["prompt_tokens"] > video["pieces"] * 64
         assert set(d["long_prefill"]) == {f"{a}_T{t}" for a in ("xla", "auto") for t in (256, 1024)}
+        quantized = d["quantized"]                  # issue 18: int8 / int4 copies of the model, batch 1 and 8
+        assert set(quantized) == {"bfloat16", "int8", "int4"}
+        assert quantized["int4"]["llm_bytes"] < quantized["int8"]["llm_bytes"] < quantized["bfloat16"]["llm_bytes"]
+        for entry in quantized.values():
+            assert {"b1", "b8"} <= set(entry) and all(_positive(entry[b]["tn"]["median_s"]) for b in ("b1", "b8"))
         for r in d["long_prefill"].values():
             assert _positive(r["tok_s"]), r
     else:
@@ -84,13 +89,14 @@ def test_report(small_run):
         assert _positive(row["floor_ms"]) and row["floor_bytes"] > 0
         assert row["jax_step_ms"] is not None and row["torch_step_ms"] is not None
     assert {"b1_floor_fraction", "b1_speedup", "b1_floor_met", "b1_speedup_met"} <= set(der["goals"])
+    assert _positive(der["quantized"]["int8_b1"]["floor_ms"]) and "int8_b1_vs_bf16" in der["quantized_goals"]
     assert data["meta"]["commit"] and data["meta"]["date"] and data["plan"]["small"] is True
     for text in (stdout, md):
         assert "| measurement | JAX | PyTorch |" in text
         for row in ("time to first token, 896² image", "vision encoder", "prefill 256 tokens",
                     *(f"decode batch {b} " for b in BATCHES), "peak memory", "Goals, batch-1 decode",
                     "time to first token, 8-frame video", "prefill 1024 tokens, attention 'auto'",
-                    "serving engine, 8 slots busy"):
+                    "serving engine, 8 slots busy", "decode batch 1, int8 weights", "decode batch 8, int4 weights"):
             assert row in text, row
     assert "commit `" in md and "Card:" in md
 

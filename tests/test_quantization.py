@@ -227,3 +227,27 @@ def test_cli_chat_and_the_engine_run_the_quantized_model(capsys, tiny_checkpoint
     engine.run_until_idle()
     for conv, handle in zip(convs, handles):
         assert handle.result().text == model.chat(msgs=conv, processor=tiny_processor, **greedy)
+
+
+def test_quantize_projections_in_memory_equals_loading_quantized(tiny_checkpoint, quantized):
+    """A float model already in memory, quantized in place, holds what from_pretrained(quantize=) loads; on
+    a mesh each kernel stays where it was and its scale follows it."""
+    model = MiniCPMV.from_pretrained(tiny_checkpoint[0], dtype="float32")
+    replaced = Q.quantize_projections(model, "int4")
+    assert len(replaced) == 7 * model.config.llm.num_hidden_layers and model.quantization == INT4
+    want = dict(nnx.to_flat_state(nnx.state(quantized["int4"], nnx.Param)))
+    got = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert set(got) == set(want)
+    for path, var in got.items():
+        np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(want[path].get_value()), str(path))
+    assert Q.quantize_projections(model, "int4") == []          # nothing float is left to quantize
+
+    mesh = S.make_mesh(1, 2, 4)
+    sharded = MiniCPMV.from_pretrained(tiny_checkpoint[0], dtype="float32", mesh=mesh)
+    before = sharded.llm.layers[0].attn.o.kernel.get_value().sharding
+    Q.quantize_projections(sharded, "int4")
+    o = sharded.llm.layers[0].attn.o
+    assert o.kernel.get_value().sharding == before
+    expected = S.flat_param_specs(sharded, mesh)
+    for path, var in nnx.to_flat_state(nnx.state(sharded, nnx.Param)):
+        assert var.get_value().sharding.spec == expected[path], path

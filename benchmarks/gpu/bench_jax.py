@@ -142,9 +142,13 @@ def run_jax(plan: Plan, rec: Recorder) -> None:
         res["vision"] = {**m, "pieces": len(pieces), "batch": int(arrays[0].shape[0]),
                          "patches": int(arrays[0].shape[1]), "pieces_s": len(pieces) / m["median_s"]}
 
-    def decode(b):
-        model = state["model"]
-        if b == 1 and "prepared" in state:       # after the image prompt (the TTFT's program)
+    def decode(b, model=None, key=None):
+        """Decode at batch ``b`` through the compiled loop; ``model`` (default the bfloat16 one) and the
+        result's ``key`` (default ``decode_b{b}``) for the quantized phase."""
+        text_only = model is not None
+        model = model if text_only else state["model"]
+        key = key or f"decode_b{b}"
+        if b == 1 and "prepared" in state and not text_only:       # after the image prompt (the TTFT's program)
             prepared = state["prepared"]
             context, prompt = res["ttft"]["prompt_tokens"], "image"
         else:                                     # random text (also batch 1 when the TTFT phase failed)
@@ -161,9 +165,39 @@ def run_jax(plan: Plan, rec: Recorder) -> None:
                 raise RuntimeError(f"batch {b}: rows stopped early, lengths {lengths.tolist()} != {k}")
 
         t1, tn = measure_pair(lambda: run(1), lambda: run(n), plan)
-        rec.res["first_call_s"][f"decode_b{b}"] = t1["first_s"]
-        res[f"decode_b{b}"] = {**decode_result(t1, tn, b, n), "context": context, "prompt": prompt,
-                               "cache_slots": int(prepared.ids.shape[1]) + n}
+        rec.res["first_call_s"][key] = t1["first_s"]
+        res[key] = {**decode_result(t1, tn, b, n), "context": context, "prompt": prompt,
+                    "cache_slots": int(prepared.ids.shape[1]) + n}
+
+    def quantized_decode():
+        """Weight-only int8 and int4 (issue 18): a copy of the bfloat16 model with its language model's
+        projections quantized (``quantization.quantize_projections``), decoding random text at batch 1 and
+        8 as the bfloat16 phases do; ``llm_bytes`` counts an int4 element as half a byte."""
+        from minicpmv_jax.quantization import quantize_projections
+
+        def llm_bytes(m):
+            return sum(x.size * (4 if x.dtype == jnp.int4 else 8 * x.dtype.itemsize) // 8
+                       for x in jax.tree.leaves(nnx.state(m.llm)))
+
+        out = {"bfloat16": {"llm_bytes": llm_bytes(state["model"]),
+                            "embed_bytes": res["bytes"]["embed"]}}
+        for b in (1, 8):                      # the same text prompts in bfloat16, for the ratios
+            if b in plan.batches:
+                decode(b, state["model"], f"decode_bf16_b{b}")
+                out["bfloat16"][f"b{b}"] = res.pop(f"decode_bf16_b{b}")
+        for mode in ("int8", "int4"):
+            qmodel = nnx.clone(state["model"])
+            quantize_projections(qmodel, mode)
+            jax.block_until_ready(nnx.state(qmodel))
+            entry = {"llm_bytes": llm_bytes(qmodel),
+                     "embed_bytes": sum(x.nbytes for x in jax.tree.leaves(nnx.state(qmodel.llm.embed_tokens)))}
+            for b in (1, 8):
+                if b in plan.batches:
+                    decode(b, qmodel, f"decode_{mode}_b{b}")
+                    entry[f"b{b}"] = res.pop(f"decode_{mode}_b{b}")
+            out[mode] = entry
+            del qmodel
+        res["quantized"] = out
 
     def prefill():
         model = state["model"]
@@ -286,6 +320,7 @@ def run_jax(plan: Plan, rec: Recorder) -> None:
     rec.phase("serve_b8", serve, peak)
     rec.phase("video_ttft", video_ttft, peak)
     rec.phase("long_prefill", long_prefill, peak)
+    rec.phase("quantized_decode", quantized_decode, peak)
     res["peak_mem_bytes"] = peak()
 
 

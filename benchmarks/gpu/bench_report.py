@@ -53,6 +53,28 @@ def derive(plan: Plan, jx: dict, th: dict) -> dict:
             if jx.get("read_bw_GBs"):
                 row["floor_ms_read_bw"] = read / (jx["read_bw_GBs"] * GB) * 1e3
         out["decode"][b] = row
+    quantized = jx.get("quantized") or {}
+    base = quantized.get("bfloat16", {})
+    out["quantized"] = {}
+    for mode, q in quantized.items():
+        for b in (1, 8):
+            r = q.get(f"b{b}")
+            if not r:
+                continue
+            row = {"step_ms": r["step_ms"], "tok_s": r["tok_s"]}
+            ref = base.get(f"b{b}")
+            if ref and r["step_ms"] > 0 and ref["step_ms"] > 0:
+                row["vs_bf16"] = ref["step_ms"] / r["step_ms"]
+            if bw:
+                context = r["context"] + plan.new_tokens / 2
+                read = q["llm_bytes"] - q["embed_bytes"] + b * context * jx["kv_bytes_per_token"]
+                row["floor_ms"] = read / (bw * GB) * 1e3
+                row["floor_fraction"] = row["floor_ms"] / r["step_ms"] if r["step_ms"] > 0 else None
+            out["quantized"][f"{mode}_b{b}"] = row
+    int8 = out["quantized"].get("int8_b1", {})
+    out["quantized_goals"] = {
+        "int8_b1_vs_bf16": int8.get("vs_bf16"), "int8_b1_vs_bf16_goal": 1.6,
+        "int8_b1_floor_fraction": int8.get("floor_fraction"), "int8_b1_floor_goal": 0.85}
     one = out["decode"].get(1, {})
     out["goals"] = {"b1_floor_fraction": one.get("floor_fraction"), "b1_floor_goal": 0.85,
                     "b1_floor_met": None if one.get("floor_fraction") is None else one["floor_fraction"] >= 0.85,
@@ -102,6 +124,12 @@ def render(plan: Plan, meta: dict, jx: dict, th: dict, der: dict) -> tuple[str, 
                      f"{served['new_tokens']} new; whole load {served['tok_s']:.0f} tok/s)",
                      f"{served['step_ms']:.2f} ms/step ({served['step_tok_s']:.0f} tok/s; "
                      f"{served['vs_vllm_452']:.2f}× vLLM's 452)", "—", "—", "—", "—"))
+    for key, r in der.get("quantized", {}).items():
+        mode, b = key.split("_b")
+        rows.append((f"decode batch {b}, {mode} weights (text context; vs the same in bfloat16)",
+                     f"{r['step_ms']:.2f} ms/step" + (f" ({r['tok_s']:.0f} tok/s)" if r.get("tok_s") else ""),
+                     "—", _fmt(r.get("vs_bf16"), ".2f", "× bf16"), _fmt(r.get("floor_ms"), ".2f", " ms"),
+                     _fmt(r.get("floor_fraction") and r["floor_fraction"] * 100, ".0f", " %")))
     video = jx.get("video_ttft")
     if video:
         rows.append((f"time to first token, {video['frames']}-frame video ({video['pieces']} pieces, "
@@ -124,6 +152,12 @@ def render(plan: Plan, meta: dict, jx: dict, th: dict, der: dict) -> tuple[str, 
     goals = (f"Goals, batch-1 decode: {_fmt(fraction, '.0f', ' %')} of the bandwidth floor "
              f"(goal ≥ 85 %: {verdict(g['b1_floor_met'])}); {_fmt(g['b1_speedup'], '.2f', '×')} the PyTorch "
              f"reference (goal ≥ 3×: {verdict(g['b1_speedup_met'])}).")
+    qg = der.get("quantized_goals") or {}
+    if qg.get("int8_b1_vs_bf16") is not None or qg.get("int8_b1_floor_fraction") is not None:
+        ratio, floor = qg.get("int8_b1_vs_bf16"), qg.get("int8_b1_floor_fraction")
+        goals += (f" int8 batch-1 decode: {_fmt(ratio, '.2f', '×')} bfloat16's speed (goal ≥ 1.6×: "
+                  f"{verdict(None if ratio is None else ratio >= 1.6)}), {_fmt(floor and floor * 100, '.0f', ' %')} "
+                  f"of its bandwidth floor (goal ≥ 85 %: {verdict(None if floor is None else floor >= 0.85)}).")
     stages = []
     for side, d in (("JAX", jx), ("PyTorch", th)):
         s = d.get("ttft")
