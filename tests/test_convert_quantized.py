@@ -26,6 +26,8 @@ from minicpmv_jax.convert_weights import _convert, convert
 from minicpmv_jax.hf_checkpoint import CheckpointError
 from minicpmv_jax.testing.checkpoint import write_checkpoint
 
+pytestmark = pytest.mark.usefixtures("release_compiled_programs")  # see tests/conftest.py
+
 SMALL = C.tiny(vocab_size=1009, num_layers=2, vision_layers=2)   # an odd vocabulary: lm_head [D, 1009]
 PROJECTIONS = [("attn", p) for p in "qkvo"] + [("mlp", p) for p in ("gate", "up", "down")]
 

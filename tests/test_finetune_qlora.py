@@ -37,6 +37,8 @@ from minicpmv_jax.layers import Einsum
 from minicpmv_jax.quantization import QuantizedEinsum
 from minicpmv_jax.testing.checkpoint import write_checkpoint
 
+pytestmark = pytest.mark.usefixtures("release_compiled_programs")  # see tests/conftest.py
+
 PROJECTIONS = [("attn", p) for p in "qkvo"] + [("mlp", p) for p in ("gate", "up", "down")]
 # Adapters on q/k/v/o, gate and up; down keeps no adapter, so the export also dequantizes a bare projection.
 TARGETS = (r"llm/layers/\d+/attn/(q|k|v|o)", r"llm/layers/\d+/mlp/(gate|up)")

@@ -17,6 +17,8 @@ from minicpmv_jax import sharding as S
 from minicpmv_jax.layers import Einsum
 from minicpmv_jax.processor import IMAGE_TAG
 
+pytestmark = pytest.mark.usefixtures("release_compiled_programs")  # see tests/conftest.py
+
 INT8, INT4 = Q.QuantizationConfig("int8"), Q.QuantizationConfig("int4")
 PROJECTIONS = {   # the real model's seven projections: equation, kernel shape
     "q": ("BTD,DNH->BTNH", (3584, 28, 128)), "k": ("BSD,DKH->BSKH", (3584, 4, 128)),
