@@ -121,12 +121,13 @@ class MiniCPMVModel(nnx.Module):
         _check_mesh(mesh)
         folder = resolve_model(path)
         config = MiniCPMVConfig.from_pretrained(folder)
+        converted = orbax_checkpoint.is_converted(folder)    # written by `minicpmv-jax convert`
         quantization = as_quantization(quantize)
-        if orbax_checkpoint.is_converted(folder):
+        if converted:
             quantization = orbax_checkpoint.stored_quantization(folder, quantization)
         abstract = abstract_model(config, dtype, param_dtype, cls=cls, attention=attention, quantize=quantization)
         shardings = None if mesh is None else sharding.flat_param_shardings(abstract, mesh, rules)
-        if orbax_checkpoint.is_converted(folder):            # written by `minicpmv-jax convert`
+        if converted:
             model = orbax_checkpoint.restore_params(folder, abstract, shardings=shardings)
         else:
             ckpt = names.open_validated(folder, config)

@@ -42,7 +42,7 @@ from flax import nnx
 from minicpmv_jax import sharding
 from minicpmv_jax.errors import ArgumentError
 
-from .layers import Axes, batch_einsum, fan_in_normal, param, zeros
+from .layers import Axes, Einsum, batch_einsum, fan_in_normal, param, zeros
 
 __all__ = ["MODES", "QuantizationConfig", "QuantizedEinsum", "quantize_kernel", "scale_layout",
            "as_quantization", "quantize_projections", "PROJECTION_NAMES"]
@@ -80,10 +80,6 @@ class QuantizationConfig:
     def qtype(self):
         """The integer dtype of the kernels (``jnp.int8`` / ``jnp.int4``)."""
         return QTYPES[self.mode]
-
-    @property
-    def bits(self) -> int:
-        return 8 if self.mode == "int8" else 4
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready record (a converted folder's manifest keeps it; :meth:`from_json` reads it)."""
@@ -231,8 +227,6 @@ def quantize_projections(model: nnx.Module, quantization: "str | QuantizationCon
     of the same kernel, placed on the same devices. The same values as loading with ``quantize=``;
     prefer that for a checkpoint, since this holds the float kernels first. Returns the replaced paths.
     """
-    from .layers import Einsum
-
     config = as_quantization(quantization)
     if config is None:
         raise ArgumentError("{} must be 'int8', 'int4' or a QuantizationConfig", "quantization")
